@@ -1,0 +1,61 @@
+"""The provider interface: four calls, errors mapped at the adapter's boundary.
+
+Adapters raise only ``ThrottledError``, ``TransientError`` or ``PermanentError``
+(see ``runtime.errors``); the cloud library's own exceptions never pass through.
+Blocking cloud clients run in a thread so the operation actor's loop stays free.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from schemas.models import ServerConfigSpec
+
+
+@dataclass(frozen=True)
+class ServerRef:
+    """What the store keeps about a server: enough to find, reach and delete it."""
+
+    provider: str
+    id: str
+    name: str
+    key: str
+    state: str = ""
+    zone: str = ""
+    public_ip: str | None = None
+    private_ip: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServerRef:
+        return cls(**data)
+
+
+class Provider(ABC):
+    """A cloud (or the local machine) that can create, find, await and delete servers."""
+
+    name: str
+
+    @abstractmethod
+    async def create_server(self, spec: ServerConfigSpec, key: str) -> ServerRef:
+        """Create a server labelled/tagged with ``key``. Does not wait for it to be ready."""
+
+    @abstractmethod
+    async def find_server(self, key: str) -> ServerRef | None:
+        """The server carrying ``key``, if one exists (any state but deleted)."""
+
+    @abstractmethod
+    async def wait_ready(self, ref: ServerRef, timeout: float | None = None) -> ServerRef:
+        """Block until the server is up; return its refreshed reference (with addresses)."""
+
+    @abstractmethod
+    async def delete_server(self, ref: ServerRef) -> None:
+        """Delete the server. Deleting one that is already gone is not an error."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release clients and threads."""
