@@ -1,0 +1,233 @@
+"""The operation actor: one per running operation; items are asyncio tasks inside it.
+
+It reloads its items from the store when it starts, so a recreated actor carries on
+where the killed one stopped: completed items are kept, items with an intent and no
+result are reconciled before anything is created again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+
+from actors.names import CHECKPOINT, NAMESPACE, PROVIDER_POOL
+from runtime.engine import FORWARD, OperationRunner, RunnerContext
+from runtime.groupcommit import GroupCommitter
+from runtime.planner import Plan, build_plan
+from runtime.providers.base import Provider, ServerRef
+from runtime.providers.registry import build_provider
+from runtime.records import ITEM, OPERATION, idempotency_key, item_key, new_item_doc, now
+from runtime.settings import Settings
+from runtime.states import ItemState, OpState
+from runtime.transports.base import Transport
+from runtime.transports.registry import build_transport
+from schemas.catalog import catalog_dirs, load_catalog
+from schemas.loader import workflow_from_data
+from schemas.models import OperationType
+
+log = logging.getLogger(__name__)
+Doc = dict[str, Any]
+
+
+def plan_for(spec: Doc, settings: Settings) -> tuple[Plan, dict[str, Any]]:
+    catalog = load_catalog(
+        catalog_dirs({"PROVISIONING_TASKSERV_PATH": ":".join(map(str, settings.taskserv_path))})
+    )
+    return build_plan(workflow_from_data(spec), catalog), dict(catalog)
+
+
+class Permits:
+    """Provider-pool permits for one provider, fetched in batches."""
+
+    def __init__(self, pool: Any, key: str, unlimited: bool) -> None:
+        self.pool, self.key, self.unlimited = pool, key, unlimited
+        self._tokens = 0
+        self._waiting = 0
+        self._fetch: asyncio.Task[None] | None = None
+        self._to_release = 0
+        self._releaser: asyncio.Task[None] | None = None
+
+    @contextlib.asynccontextmanager
+    async def permit(self) -> AsyncIterator[None]:
+        if self.unlimited:
+            yield
+            return
+        self._waiting += 1
+        try:
+            while self._tokens == 0:
+                if self._fetch is None or self._fetch.done():
+                    self._fetch = asyncio.create_task(self._refill())
+                await asyncio.shield(self._fetch)
+            self._tokens -= 1
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._to_release += 1
+            if self._releaser is None or self._releaser.done():
+                self._releaser = asyncio.create_task(self._release_soon())
+
+    async def _refill(self) -> None:
+        granted, retry_in = await self.pool.acquire.remote(self.key, max(1, self._waiting))
+        self._tokens += granted
+        if not granted:
+            await asyncio.sleep(retry_in)
+
+    async def _release_soon(self) -> None:
+        await asyncio.sleep(0.02)  # gather releases into one call
+        n, self._to_release = self._to_release, 0
+        if n:
+            await self.pool.release.remote(self.key, n, n)
+
+    def throttled(self, retry_after: float | None) -> None:
+        self.pool.throttled.remote(self.key, retry_after)
+
+
+class _Host:
+    """The ``ItemHost`` of this operation: group commit and provider permits."""
+
+    def __init__(self, workflow_id: str, committer: GroupCommitter, permits: Permits) -> None:
+        self.workflow_id = workflow_id
+        self.committer = committer
+        self.permits = permits
+        self._last_status: dict[str, str] = {}
+
+    async def persist(self, item: Doc) -> None:
+        key = item_key(item["op_id"], item["name"])
+        record = {"workflow_id": self.workflow_id, "kind": ITEM, "key": key, "doc": dict(item)}
+        event = None
+        if self._last_status.get(key) != item["status"]:
+            self._last_status[key] = item["status"]
+            data = {"op": item["op_id"], "item": item["name"], "status": item["status"]}
+            if item.get("error"):
+                data["error"] = item["error"]["message"][:500]
+            event = {"workflow_id": self.workflow_id, "type": "item", "data": data}
+        await self.committer.put(record, event)
+
+    def permit(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return self.permits.permit()
+
+    def on_throttled(self, retry_after: float | None) -> None:
+        self.permits.throttled(retry_after)
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class OperationActor:
+    def __init__(self, workflow_id: str, op_id: str, spec: Doc, settings: Settings) -> None:
+        self.workflow_id, self.op_id, self.settings = workflow_id, op_id, settings
+        self.plan, self.catalog = plan_for(spec, settings)
+        self.op = self.plan.operations[op_id]
+        self.checkpoint = ray.get_actor(CHECKPOINT, namespace=NAMESPACE)
+        self.pool = ray.get_actor(PROVIDER_POOL, namespace=NAMESPACE)
+        self.runner: OperationRunner | None = None
+        self._run: asyncio.Task[Doc] | None = None
+        self._cancelled = False
+
+    async def run(self, capacity: int, mode: str = FORWARD) -> Doc:
+        """Run to a terminal state; a second call joins the first."""
+        if self._run is None:
+            self._run = asyncio.create_task(self._execute(capacity, mode))
+        return await asyncio.shield(self._run)
+
+    async def set_capacity(self, capacity: int) -> None:
+        if self.runner is not None:
+            await self.runner.limiter.set_capacity(min(capacity, self._own_limit()))
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self.runner is not None:
+            self.runner.cancel()
+
+    def progress(self) -> dict[str, int]:
+        return self.runner.counts() if self.runner else {}
+
+    def _own_limit(self) -> int:
+        return self.op.spec.parallel_limit or 1_000_000
+
+    async def _sink(self, records: list[Doc], events: list[Doc]) -> None:
+        await self.checkpoint.write.remote(records, events)
+
+    async def _execute(self, capacity: int, mode: str) -> Doc:
+        docs = await self.checkpoint.load.remote(self.workflow_id)
+        items = self._items(docs)
+        committer = GroupCommitter(self._sink)
+        provider_name = self.op.spec.provider.value if self.op.spec.provider else "local"
+        is_server_op = self.op.spec.type is OperationType.SERVER_BATCH
+        pool_key = provider_name if is_server_op else "transport"
+        unlimited = True if not is_server_op else await self.pool.unlimited.remote(pool_key)
+        host = _Host(self.workflow_id, committer, Permits(self.pool, pool_key, unlimited))
+        provider: Provider | None = None
+        transports: dict[str, Transport] = {}
+        try:
+            if is_server_op:
+                provider = build_provider(provider_name, self.settings)
+            servers = self._servers(docs)
+            for ref in servers.values():
+                if ref is not None and ref.provider not in transports:
+                    transports[ref.provider] = build_transport(ref.provider, self.settings)
+            ctx = RunnerContext(provider, transports, servers, self.catalog)
+            self.runner = OperationRunner(
+                self.op, items, host, ctx, capacity=min(capacity, self._own_limit()), mode=mode
+            )
+            if self._cancelled:
+                self.runner.cancel()
+            started = now()
+            running = OpState.RUNNING.value
+            await self._write_op(committer, {"status": running, "started_at": started}, docs)
+            outcome = await self.runner.run()
+            await committer.drain()
+            final = {
+                "status": outcome.status.value,
+                "counts": outcome.counts,
+                "error": outcome.error,
+                "started_at": started,
+                "finished_at": now(),
+                "max_in_flight": outcome.max_in_flight,
+            }
+            await self._write_op(committer, final, docs)
+            return final
+        finally:
+            for t in transports.values():
+                await t.close()
+            if provider is not None:
+                await provider.close()
+
+    async def _write_op(self, committer: GroupCommitter, fields: Doc, docs: Doc) -> None:
+        doc = dict(docs.get((OPERATION, self.op_id)) or {})
+        doc.update({"id": self.op_id, "type": self.op.spec.type.value, "total": len(self.op.items)})
+        doc.update(fields)
+        event = {
+            "workflow_id": self.workflow_id,
+            "type": "operation",
+            "data": {"op": self.op_id, "status": doc["status"], "counts": doc.get("counts", {})},
+        }
+        record = {"workflow_id": self.workflow_id, "kind": OPERATION, "key": self.op_id, "doc": doc}
+        await committer.put(record, event)
+
+    def _items(self, docs: Doc) -> dict[str, Doc]:
+        items: dict[str, Doc] = {}
+        for plan_item in self.op.items:
+            stored = docs.get((ITEM, item_key(self.op_id, plan_item.name)))
+            if stored is None:
+                key = idempotency_key(self.workflow_id, self.op_id, plan_item.name)
+                stored = new_item_doc(self.op_id, plan_item.name, plan_item.kind, key)
+            elif stored["status"] == ItemState.RUNNING.value:
+                stored = dict(stored)  # reconciled by the lifecycle (it has an intent)
+            items[plan_item.name] = dict(stored)
+        return items
+
+    def _servers(self, docs: Doc) -> dict[str, ServerRef | None]:
+        """Targets of a taskserv operation: the reference of each completed server."""
+        servers: dict[str, ServerRef | None] = {}
+        for name in self.op.targets:
+            sp = self.plan.servers[name]
+            doc = docs.get((ITEM, item_key(sp.op_id, name)))
+            ok = doc is not None and doc["status"] == ItemState.COMPLETED.value and doc["result"]
+            servers[name] = ServerRef.from_dict(doc["result"]) if ok and doc else None
+        return servers

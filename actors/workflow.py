@@ -1,0 +1,252 @@
+"""The workflow actor: drives one workflow's DAG of operation actors.
+
+``run`` is idempotent: after a restart (``max_restarts=-1``) the orchestrator's
+pending call is retried on the new instance, which reloads the state from the store
+and carries on. An operation actor that dies is recreated and picks up its items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from actors.names import CHECKPOINT, NAMESPACE, operation_actor, workflow_actor
+from actors.operation import OperationActor, plan_for
+from runtime.engine import FORWARD, ROLLBACK
+from runtime.records import OPERATION, WORKFLOW, now, status_document
+from runtime.scheduler import DagScheduler, downstream, rollback_order, split_quota
+from runtime.settings import Settings
+from runtime.states import OP_TERMINAL, OpState, WorkflowState
+
+log = logging.getLogger(__name__)
+Doc = dict[str, Any]
+RECREATE_DELAY = 0.5
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class WorkflowActor:
+    def __init__(self, workflow_id: str, settings: Settings) -> None:
+        self.id, self.settings = workflow_id, settings
+        self.checkpoint = ray.get_actor(CHECKPOINT, namespace=NAMESPACE)
+        self._run: asyncio.Task[Doc] | None = None
+        self._ops: dict[str, Any] = {}  # live operation actors
+        self._quota: dict[str, int] = {}
+        self._counts: dict[str, dict[str, int]] = {}
+        self._cancelled = False
+        self._doc: Doc = {}
+        self._op_docs: dict[str, Doc] = {}
+        self._lock = asyncio.Lock()
+
+    # -- public --------------------------------------------------------------------
+
+    async def run(self, mode: str = FORWARD, subset: list[str] | None = None) -> Doc:
+        """Drive the workflow to a terminal state (forward or rollback); joins a run
+        already under way."""
+        if self._run is None or self._run.done():
+            self._run = asyncio.create_task(self._execute(mode, subset))
+        return await asyncio.shield(self._run)
+
+    async def status(self) -> Doc:
+        counts = dict(self._counts)
+        for op_id, actor in list(self._ops.items()):
+            try:
+                counts[op_id] = await actor.progress.remote()
+            except RayActorError:
+                pass
+        if not self._doc:
+            docs = await self.checkpoint.load.remote(self.id)
+            return _status_from_docs(docs)
+        return status_document(self._doc, self._op_docs, counts)
+
+    async def cancel(self) -> None:
+        self._cancelled = True
+        for actor in list(self._ops.values()):
+            try:
+                await actor.cancel.remote()
+            except RayActorError:
+                pass
+
+    # -- driving -------------------------------------------------------------------
+
+    async def _execute(self, mode: str, subset: list[str] | None) -> Doc:
+        docs = await self.checkpoint.load.remote(self.id)
+        self._doc = dict(docs[(WORKFLOW, "")])
+        self._op_docs = {k: dict(v) for (kind, k), v in docs.items() if kind == OPERATION}
+        self.plan, _ = plan_for(self._doc["spec"], self.settings)
+        if mode == ROLLBACK or self._doc["status"] == WorkflowState.ROLLING_BACK.value:
+            subset = subset or self._doc.get("rollback_subset")
+            return await self._rollback(subset)
+        await self._set_workflow(WorkflowState.RUNNING)
+        state = await self._forward()
+        await self._set_workflow(state)
+        if state is WorkflowState.FAILED and self.plan.workflow.rollback_on_failure:
+            return await self._rollback(None)
+        return self._final()
+
+    async def _forward(self) -> WorkflowState:
+        states = {}
+        for op_id, doc in self._op_docs.items():
+            st = OpState(doc["status"])
+            states[op_id] = st if st in OP_TERMINAL else OpState.PENDING
+        sched = DagScheduler(self.plan, states)
+        running: dict[str, asyncio.Task[Doc]] = {}
+        while True:
+            if self._cancelled:
+                sched.stopped = True
+            for op_id, state, reason in sched.blocked():
+                await self._write_op(op_id, {"status": state.value, "error": reason})
+            ready = [op for op in sched.ready() if op not in running]
+            if ready:
+                await self._start(ready, running)
+            if not running:
+                if sched.all_terminal() or not sched.ready():
+                    break
+                continue
+            done, _ = await asyncio.wait(running.values(), return_when=asyncio.FIRST_COMPLETED)
+            for op_id in [o for o, t in running.items() if t in done]:
+                result = running.pop(op_id).result()
+                self._op_docs.setdefault(op_id, {}).update(result)
+                self._counts[op_id] = result.get("counts", {})
+                sched.set(op_id, OpState(result["status"]))
+                self._quota.pop(op_id, None)
+                await self._retire(op_id)
+            await self._rebalance(running)
+        return sched.outcome(self._cancelled)
+
+    async def _start(self, ready: list[str], running: dict[str, asyncio.Task[Doc]]) -> None:
+        """Start what the workflow-wide limit allows, lowering running operations'
+        shares first so the total in flight never exceeds ``parallel_limit``."""
+        async with self._lock:
+            wants = {op: self._want(op) for op in [*running, *ready]}
+            quota = split_quota(self.plan.workflow.parallel_limit, wants)
+            for op_id in running:
+                if quota[op_id] < self._quota.get(op_id, 0):
+                    await self._set_capacity(op_id, quota[op_id])
+            for op_id in ready:
+                if quota[op_id] < 1 and len(running) > 0:
+                    continue
+                self._quota[op_id] = max(1, quota[op_id])
+                running[op_id] = asyncio.create_task(self._run_op(op_id, FORWARD))
+
+    async def _rebalance(self, running: dict[str, asyncio.Task[Doc]]) -> None:
+        async with self._lock:
+            if not running:
+                return
+            quota = split_quota(
+                self.plan.workflow.parallel_limit, {op: self._want(op) for op in running}
+            )
+            for op_id, q in quota.items():
+                if q != self._quota.get(op_id):
+                    await self._set_capacity(op_id, q)
+
+    def _want(self, op_id: str) -> int:
+        op = self.plan.operations[op_id]
+        units = len({i.server for i in op.items}) or 1
+        return min(units, op.spec.parallel_limit or units)
+
+    async def _set_capacity(self, op_id: str, capacity: int) -> None:
+        self._quota[op_id] = capacity
+        actor = self._ops.get(op_id)
+        if actor is not None:
+            try:
+                await actor.set_capacity.remote(capacity)
+            except RayActorError:
+                pass  # a recreated actor starts with the current quota
+
+    async def _run_op(self, op_id: str, mode: str) -> Doc:
+        while True:
+            actor = self._operation_actor(op_id)
+            self._ops[op_id] = actor
+            try:
+                if self._cancelled:
+                    await actor.cancel.remote()
+                return await actor.run.remote(self._quota.get(op_id, 1), mode)  # type: ignore[no-any-return]
+            except RayActorError as exc:
+                log.warning("operation actor %s died (%s); recreating it", op_id, exc)
+                self._ops.pop(op_id, None)
+                await asyncio.sleep(RECREATE_DELAY)
+
+    def _operation_actor(self, op_id: str) -> Any:
+        return OperationActor.options(  # type: ignore[attr-defined]
+            name=operation_actor(self.id, op_id),
+            namespace=NAMESPACE,
+            get_if_exists=True,
+        ).remote(self.id, op_id, self._doc["spec"], self.settings)
+
+    async def _retire(self, op_id: str) -> None:
+        actor = self._ops.pop(op_id, None)
+        if actor is not None:
+            ray.kill(actor)
+
+    # -- rollback ------------------------------------------------------------------
+
+    async def _rollback(self, subset: list[str] | None) -> Doc:
+        if subset:
+            wanted: set[str] = set()
+            for op_id in subset:
+                wanted |= downstream(self.plan, op_id)
+            subset = sorted(wanted)
+        self._doc["rollback_subset"] = subset
+        await self._set_workflow(WorkflowState.ROLLING_BACK)
+        failed = False
+        for wave in rollback_order(self.plan, subset):
+            todo = [op for op in wave if self._needs_undo(op)]
+            for op_id in todo:
+                self._quota[op_id] = self.plan.workflow.parallel_limit // max(1, len(todo)) or 1
+            results = await asyncio.gather(*(self._run_op(op, ROLLBACK) for op in todo))
+            for op_id, result in zip(todo, results, strict=True):
+                self._op_docs.setdefault(op_id, {}).update(result)
+                self._counts[op_id] = result.get("counts", {})
+                await self._retire(op_id)
+                failed = failed or result["status"] != OpState.ROLLED_BACK.value
+        end = WorkflowState.ROLLBACK_FAILED if failed else WorkflowState.ROLLED_BACK
+        await self._set_workflow(end)
+        return self._final()
+
+    def _needs_undo(self, op_id: str) -> bool:
+        status = self._op_docs.get(op_id, {}).get("status")
+        return status not in (None, OpState.PENDING.value, OpState.ROLLED_BACK.value)
+
+    # -- persistence ---------------------------------------------------------------
+
+    async def _set_workflow(self, state: WorkflowState, error: str | None = None) -> None:
+        self._doc["status"] = state.value
+        self._doc["updated_at"] = now()
+        if state in (WorkflowState.FAILED,):
+            failed = [
+                f"{op}: {d.get('error')}"
+                for op, d in self._op_docs.items()
+                if d.get("status") == OpState.FAILED.value
+            ]
+            self._doc["error"] = "; ".join(failed)[:4000] or error
+        if state not in (WorkflowState.RUNNING, WorkflowState.ROLLING_BACK):
+            self._doc["finished_at"] = now()
+        record = {"workflow_id": self.id, "kind": WORKFLOW, "key": "", "doc": self._doc}
+        event = {"workflow_id": self.id, "type": "workflow", "data": {"status": state.value}}
+        await self.checkpoint.write.remote([record], [event])
+
+    async def _write_op(self, op_id: str, fields: Doc) -> None:
+        doc = self._op_docs.setdefault(op_id, {"id": op_id})
+        op = self.plan.operations[op_id]
+        doc.update({"type": op.spec.type.value, "total": len(op.items), **fields})
+        doc["finished_at"] = now()
+        record = {"workflow_id": self.id, "kind": OPERATION, "key": op_id, "doc": doc}
+        data = {"op": op_id, "status": doc["status"], "error": fields.get("error")}
+        event = {"workflow_id": self.id, "type": "operation", "data": data}
+        await self.checkpoint.write.remote([record], [event])
+
+    def _final(self) -> Doc:
+        return status_document(self._doc, self._op_docs, self._counts)
+
+
+def _status_from_docs(docs: dict[tuple[str, str], Doc]) -> Doc:
+    ops = {k: v for (kind, k), v in docs.items() if kind == OPERATION}
+    return status_document(docs[(WORKFLOW, "")], ops)
+
+
+def actor_name(workflow_id: str) -> str:
+    return workflow_actor(workflow_id)

@@ -1,0 +1,140 @@
+"""The ``provisioning`` command line. Exit codes: 0 ok, 1 workflow failed, 2 bad input,
+3 orchestrator unreachable."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from api.progress import WorkflowProgress
+from api.render import print_plan, status_table
+from runtime.errors import InputError, ProvisioningError
+from runtime.planner import Plan, build_plan
+from runtime.settings import Settings
+from schemas.catalog import catalog_dirs, load_catalog
+from schemas.loader import load_workflow
+
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+app = typer.Typer(
+    help="Batch workflow orchestrator for cloud infrastructure, on Ray.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+batch = typer.Typer(help="Validate, plan, run and manage batch workflows.", no_args_is_help=True)
+app.add_typer(batch, name="batch")
+
+out = Console()
+err = Console(stderr=True)
+
+FileArg = Annotated[Path, typer.Argument(help="Workflow file (.ncl or .json).", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Data directory (default: $PROVISIONING_DATA_DIR or ~/.local/share/provisioning).",
+    ),
+]
+
+
+def load_plan(file: Path, settings: Settings) -> Plan:
+    workflow = load_workflow(file)
+    catalog = load_catalog(catalog_dirs_for(settings))
+    return build_plan(workflow, catalog)
+
+
+def catalog_dirs_for(settings: Settings) -> list[Path]:
+    return catalog_dirs({"PROVISIONING_TASKSERV_PATH": ":".join(map(str, settings.taskserv_path))})
+
+
+@batch.command()
+def validate(file: FileArg) -> None:
+    """Check a workflow file against the contracts and the planner's rules."""
+    plan = load_plan(file, Settings.from_env())
+    out.print(
+        f"[green]valid[/]: {plan.workflow.name}: {len(plan.operations)} operations, "
+        f"{plan.item_count} items, {len(plan.waves)} waves"
+    )
+    for warning in plan.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}")
+
+
+@batch.command()
+def plan(file: FileArg, as_json: JsonOpt = False) -> None:
+    """Print the waves, item counts per provider, taskserv order and expected API calls."""
+    p = load_plan(file, Settings.from_env())
+    if as_json:
+        print(json.dumps(p.to_json(), indent=2))
+    else:
+        print_plan(out, p)
+
+
+@batch.command()
+def run(
+    file: Annotated[Path | None, typer.Argument(help="Workflow file (.ncl or .json).")] = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+    resume: Annotated[
+        str | None, typer.Option("--resume", help="Continue an interrupted workflow by id.")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option("--address", help="Ray address to join (default: start one).")
+    ] = None,
+) -> None:
+    """Run a workflow in the foreground, without the API server, until it ends.
+
+    Starts a local Ray instance (or joins --address / RAY_ADDRESS), shows progress per
+    operation, prints a summary; exits 0 when Completed and 1 otherwise.
+    """
+    settings = Settings.from_env().with_data_dir(data_dir)
+    if (file is None) == (resume is None):
+        raise InputError("give a workflow FILE, or --resume ID (not both)")
+    spec = None
+    if file is not None:
+        spec = load_plan(file, settings).workflow.model_dump(mode="json")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    from actors import runner  # Ray is imported only by commands that need it
+
+    runner.connect(address)
+    try:
+        orch = runner.start_orchestrator(settings, detached=False, resume=False)
+        if as_json:
+            doc = runner.run_foreground(orch, spec, resume_id=resume)
+        else:
+            with WorkflowProgress(out) as bars:
+                doc = runner.run_foreground(orch, spec, resume_id=resume, on_status=bars.update)
+    finally:
+        runner.shutdown()
+    if as_json:
+        print(json.dumps(doc, indent=2))
+    else:
+        out.print(status_table(doc))
+        if doc.get("error"):
+            err.print(f"[red]{escape(doc['error'])}[/]")
+    raise typer.Exit(EXIT_OK if doc["status"] == "Completed" else EXIT_FAILED)
+
+
+def main() -> None:
+    """Entry point: map errors to exit codes, never print a traceback for bad input."""
+    try:
+        app(standalone_mode=True)
+    except InputError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        sys.exit(EXIT_INPUT)
+    except ProvisioningError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        sys.exit(EXIT_FAILED)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

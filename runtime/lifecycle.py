@@ -1,0 +1,207 @@
+"""The item lifecycle, written once: intent, call, result, and reconcile.
+
+Every provider and every taskserv goes through these functions:
+
+1. Before any side effect, persist the intent (action, attempt). ``persist`` returns
+   only once the group commit holding it is durable.
+2. Call the provider with the item's idempotency key.
+3. Persist the result.
+
+An item that has an intent but no result (a crash, a lost response, a failed
+attempt) is reconciled first: the resource is looked up by its key and adopted if it
+exists; only if it does not is it created again. Providers such as moto ignore EC2's
+``ClientToken`` and UpCloud has none, so this is what keeps one server per key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+from runtime.errors import ScriptError, ThrottledError
+from runtime.policies import retry_delay, should_retry
+from runtime.providers.base import Provider, ServerRef
+from runtime.records import now
+from runtime.states import ItemState
+from runtime.transports.base import Transport
+from schemas.models import RetrySpec, ServerConfigSpec, TaskservSpec
+
+Doc = dict[str, Any]
+
+
+class ItemHost(Protocol):
+    """What an item needs from the operation running it."""
+
+    async def persist(self, item: Doc) -> None:
+        """Store the item document durably (group commit)."""
+
+    def permit(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """A provider-pool permit for one cloud call (rate limit and concurrency)."""
+
+    def on_throttled(self, retry_after: float | None) -> None:
+        """Tell the provider pool the provider pushed back."""
+
+
+async def with_retries(
+    item: Doc,
+    host: ItemHost,
+    retry: RetrySpec,
+    timeout: float | None,
+    attempt_fn: Callable[[int], Awaitable[None]],
+) -> None:
+    """Run ``attempt_fn(attempt)`` until it succeeds or the error is final."""
+    attempt = int(item.get("attempt") or 0)
+    while True:
+        attempt += 1
+        try:
+            async with asyncio.timeout(timeout):
+                await attempt_fn(attempt)
+            return
+        except Exception as exc:
+            if isinstance(exc, ThrottledError):
+                host.on_throttled(exc.retry_after)
+            if not should_retry(exc, attempt, retry):
+                raise
+            await asyncio.sleep(retry_delay(exc, attempt, retry))
+
+
+def _mark_intent(item: Doc, action: str, attempt: int) -> None:
+    item["intent"] = {"action": action, "attempt": attempt, "at": now()}
+    item["attempt"] = attempt
+    item["status"] = ItemState.RUNNING.value
+    item["started_at"] = item.get("started_at") or now()
+
+
+def _mark_done(item: Doc, status: ItemState, result: Any = None) -> None:
+    item["status"] = status.value
+    if result is not None:
+        item["result"] = result
+    item["error"] = None
+    item["finished_at"] = now()
+
+
+async def create_server_item(
+    item: Doc,
+    spec: ServerConfigSpec,
+    provider: Provider,
+    host: ItemHost,
+    retry: RetrySpec,
+    timeout: float | None,
+) -> ServerRef:
+    key = str(item["key"])
+    ref_box: list[ServerRef] = []
+
+    async def attempt(n: int) -> None:
+        ref: ServerRef | None = None
+        if item.get("intent") is not None:
+            async with host.permit():
+                ref = await provider.find_server(key)
+        if ref is None:
+            _mark_intent(item, "create", n)
+            await host.persist(item)
+            async with host.permit():
+                ref = await provider.create_server(spec, key)
+        ref = await provider.wait_ready(ref, timeout)
+        ref_box.append(ref)
+
+    await with_retries(item, host, retry, timeout, attempt)
+    ref = ref_box[-1]
+    _mark_done(item, ItemState.COMPLETED, ref.to_dict())
+    await host.persist(item)
+    return ref
+
+
+def taskserv_env(server: ServerRef, taskserv: str) -> dict[str, str]:
+    return {
+        "ROOT": server.extra.get("root", ""),
+        "SERVER_NAME": server.name,
+        "TASKSERV": taskserv,
+    }
+
+
+async def _script(
+    transport: Transport, server: ServerRef, step: str, script: str, env: dict[str, str]
+) -> int:
+    result = await transport.run(server, script, env)
+    if result.exit_code != 0 and step != "check":
+        raise ScriptError(step, result.exit_code, result.stderr_tail())
+    return result.exit_code
+
+
+async def install_taskserv_item(
+    item: Doc,
+    taskserv: TaskservSpec,
+    server: ServerRef,
+    transport: Transport,
+    host: ItemHost,
+    retry: RetrySpec,
+    timeout: float | None,
+) -> None:
+    env = taskserv_env(server, taskserv.name)
+
+    async def attempt(n: int) -> None:
+        if await _script(transport, server, "check", taskserv.check, env) == 0:
+            # Installed before this workflow ever applied it: not ours to uninstall.
+            if item.get("intent") is None:
+                item["adopted"] = True
+            return
+        _mark_intent(item, "apply", n)
+        await host.persist(item)
+        await _script(transport, server, "apply", taskserv.apply, env)
+        await _script(transport, server, "verify", taskserv.verify, env)
+
+    await with_retries(item, host, retry, timeout, attempt)
+    _mark_done(item, ItemState.COMPLETED)
+    await host.persist(item)
+
+
+async def delete_server_item(
+    item: Doc, provider: Provider, host: ItemHost, retry: RetrySpec, timeout: float | None
+) -> None:
+    """Undo a server this workflow created. Adopted servers are never deleted."""
+    key = str(item["key"])
+
+    async def attempt(n: int) -> None:
+        ref = ServerRef.from_dict(item["result"]) if item.get("result") else None
+        if ref is None:
+            async with host.permit():
+                ref = await provider.find_server(key)
+        item["intent"] = {"action": "delete", "attempt": n, "at": now()}
+        item["attempt"] = n
+        await host.persist(item)
+        if ref is not None:
+            async with host.permit():
+                await provider.delete_server(ref)
+
+    await with_retries(item, host, retry, timeout, attempt)
+    _mark_done(item, ItemState.ROLLED_BACK)
+    await host.persist(item)
+
+
+async def uninstall_taskserv_item(
+    item: Doc,
+    taskserv: TaskservSpec,
+    server: ServerRef,
+    transport: Transport,
+    host: ItemHost,
+    retry: RetrySpec,
+    timeout: float | None,
+) -> None:
+    env = taskserv_env(server, taskserv.name)
+
+    async def attempt(n: int) -> None:
+        item["intent"] = {"action": "uninstall", "attempt": n, "at": now()}
+        item["attempt"] = n
+        await host.persist(item)
+        await _script(transport, server, "uninstall", taskserv.uninstall, env)
+
+    await with_retries(item, host, retry, timeout, attempt)
+    _mark_done(item, ItemState.ROLLED_BACK)
+    await host.persist(item)
+
+
+@contextlib.asynccontextmanager
+async def no_permit() -> AsyncIterator[None]:
+    yield

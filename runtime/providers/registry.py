@@ -1,0 +1,23 @@
+"""Build a provider adapter by name from the settings of this process."""
+
+from __future__ import annotations
+
+from runtime.providers.base import Provider
+from runtime.settings import Settings
+
+
+def build_provider(name: str, settings: Settings) -> Provider:
+    # Imported lazily so a local-only run never loads boto3 or upcloud_api.
+    if name == "local":
+        from runtime.providers.local import LocalProvider
+
+        return LocalProvider(settings.local_dir)
+    if name == "upcloud":
+        from runtime.providers.upcloud import UpCloudProvider
+
+        return UpCloudProvider.from_env(dict(settings.provider_env))
+    if name == "aws":
+        from runtime.providers.aws import AwsProvider
+
+        return AwsProvider.from_env(environ=dict(settings.provider_env))
+    raise ValueError(f"unknown provider {name!r}")
