@@ -130,6 +130,7 @@ class WorkflowActor:
                 if quota[op_id] < 1 and len(running) > 0:
                     continue
                 self._quota[op_id] = max(1, quota[op_id])
+                self._mark_running(op_id)
                 running[op_id] = asyncio.create_task(self._run_op(op_id, FORWARD))
 
     async def _rebalance(self, running: dict[str, asyncio.Task[Doc]]) -> None:
@@ -147,6 +148,12 @@ class WorkflowActor:
         op = self.plan.operations[op_id]
         units = len({i.server for i in op.items}) or 1
         return min(units, op.spec.parallel_limit or units)
+
+    def _mark_running(self, op_id: str) -> None:
+        op = self.plan.operations[op_id]
+        doc = self._op_docs.setdefault(op_id, {"id": op_id})
+        doc.update({"status": OpState.RUNNING.value, "type": op.spec.type.value,
+                    "total": len(op.items), "started_at": now()})
 
     async def _set_capacity(self, op_id: str, capacity: int) -> None:
         self._quota[op_id] = capacity
@@ -197,6 +204,7 @@ class WorkflowActor:
             todo = [op for op in wave if self._needs_undo(op)]
             for op_id in todo:
                 self._quota[op_id] = self.plan.workflow.parallel_limit // max(1, len(todo)) or 1
+                self._op_docs.setdefault(op_id, {})["status"] = "RollingBack"
             results = await asyncio.gather(*(self._run_op(op, ROLLBACK) for op in todo))
             for op_id, result in zip(todo, results, strict=True):
                 self._op_docs.setdefault(op_id, {}).update(result)

@@ -28,6 +28,9 @@ class Settings:
     # Environment for the provider adapters (credentials, endpoints). Kept apart so it
     # is handed to the adapters and never written to the store or a response.
     provider_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # Seconds a local server takes to become ready: 0 is the instant provider; tests
+    # and benchmarks raise it to keep items in flight.
+    local_ready_delay: float = 0.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -47,6 +50,7 @@ class Settings:
             surrealdb_url=env.get("PROVISIONING_SURREALDB_URL") or None,
             taskserv_path=taskserv_path,
             provider_env=provider_env,
+            local_ready_delay=float(env.get("PROVISIONING_LOCAL_READY_DELAY", "0") or 0),
         )
 
     def with_data_dir(self, data_dir: Path | None) -> Settings:

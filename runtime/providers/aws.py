@@ -211,22 +211,25 @@ class AwsProvider(Provider):
     @classmethod
     def from_env(
         cls,
-        tables_path: str | Path | None = None,
-        *,
         environ: Mapping[str, str] | None = None,
+        *,
+        tables_path: str | Path | None = None,
         poll_interval: float = 5.0,
     ) -> AwsProvider:
-        """Endpoint from ``AWS_ENDPOINT_URL``; credentials from ``environ`` if given,
-        else boto3's usual chain (env, profile, instance role)."""
+        """Endpoint from ``AWS_ENDPOINT_URL``, table overrides from ``tables_path`` or
+        ``PROVISIONING_AWS_TABLES``; credentials from ``environ``'s ``AWS_*`` keys when
+        present, else boto3's usual chain (profile, SSO, instance role)."""
+        env = os.environ if environ is None else environ
+        tables_path = tables_path or env.get("PROVISIONING_AWS_TABLES") or None
         tables = load_tables(tables_path) if tables_path else {}
         session = None
-        if environ is not None:
+        if environ is not None:  # os.environ is read by boto3 itself
             session = boto3.session.Session(
-                aws_access_key_id=environ.get("AWS_ACCESS_KEY_ID"),
-                aws_secret_access_key=environ.get("AWS_SECRET_ACCESS_KEY"),
-                aws_session_token=environ.get("AWS_SESSION_TOKEN"),
+                aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+                aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
+                aws_session_token=env.get("AWS_SESSION_TOKEN"),
+                profile_name=env.get("AWS_PROFILE"),
             )
-        env = environ if environ is not None else os.environ
         return cls(
             tables.get("zones"),
             tables.get("plans"),

@@ -20,6 +20,7 @@ from runtime.providers.base import Provider, ServerRef
 from schemas.models import ServerConfigSpec
 
 STATE_FILE = ".provisioning-server.json"
+CREATIONS_LOG = ".creations.log"
 
 
 class LocalProvider(Provider):
@@ -66,6 +67,9 @@ class LocalProvider(Provider):
         }
         _atomic_write(state_path, json.dumps(state))
         _atomic_write(self.root / ".keys" / key, spec.name)
+        # One line per real creation: how tests and operators see a server made twice.
+        with open(self.root / CREATIONS_LOG, "a") as log:
+            log.write(f"{key} {spec.name}\n")
         return self._ref(spec.name, key)
 
     async def find_server(self, key: str) -> ServerRef | None:

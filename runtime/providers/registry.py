@@ -11,7 +11,7 @@ def build_provider(name: str, settings: Settings) -> Provider:
     if name == "local":
         from runtime.providers.local import LocalProvider
 
-        return LocalProvider(settings.local_dir)
+        return LocalProvider(settings.local_dir, ready_delay=settings.local_ready_delay)
     if name == "upcloud":
         from runtime.providers.upcloud import UpCloudProvider
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import asyncssh
 
-from runtime.transports.local import BASE_PATH, discard, wait_exit
+from runtime.transports.local import BASE_PATH, discard, exit_code_of, wait_exit
 from runtime.transports.ssh import SshTransport
 
 __all__ = ["USERNAME_PATTERN", "SshEndpoint", "main"]
@@ -248,7 +248,7 @@ class SshEndpoint:
         try:
             await asyncio.wait({done, closed}, return_when=asyncio.FIRST_COMPLETED)
             if done.done() and not closed.done():
-                process.exit(done.result())
+                process.exit(exit_code_of(done.result()))
         finally:
             for task in (feeder, outputs, done, closed):
                 discard(task)

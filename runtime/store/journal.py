@@ -61,8 +61,12 @@ def check_workflow_id(workflow_id: str) -> str:
     return workflow_id
 
 
+# One encoder for all: json.dumps with options builds a new encoder per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def _to_json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 def _line(op: _Op) -> str:
@@ -246,9 +250,12 @@ class JournalStore(Store):
                 if wf.journal_lines >= self.compact_after_lines:
                     self._compact(workflow_id, wf)
 
-    def _check_writable(self) -> None:
+    def _check_open(self) -> None:
         if self._closed:
             raise StoreError(f"journal store {self.root} is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
         if self._broken is not None:
             raise StoreError(f"journal store {self.root} needs a reopen: {self._broken}")
 
@@ -316,12 +323,14 @@ class JournalStore(Store):
 
     def load(self, workflow_id: str) -> dict[tuple[str, str], Doc]:
         with self._mutex:
+            self._check_open()
             wf = self._workflows.get(check_workflow_id(workflow_id))
             docs = dict(wf.docs) if wf is not None else {}
         return {k: json.loads(v) for k, v in docs.items()}
 
     def workflows(self) -> list[Doc]:
         with self._mutex:
+            self._check_open()
             texts = [
                 wf.docs[("workflow", key)]
                 for wf in self._workflows.values()
@@ -331,6 +340,7 @@ class JournalStore(Store):
 
     def events(self, workflow_id: str, after_seq: int = 0, limit: int = 1000) -> list[Event]:
         with self._mutex:
+            self._check_open()
             wf = self._workflows.get(check_workflow_id(workflow_id))
             if wf is None or limit <= 0:
                 return []
@@ -340,6 +350,7 @@ class JournalStore(Store):
 
     def last_seq(self) -> int:
         with self._mutex:
+            self._check_open()
             return self._last_seq
 
     def close(self) -> None:

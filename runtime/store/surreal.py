@@ -53,15 +53,19 @@ _WORKFLOWS = "SELECT VALUE doc FROM doc WHERE kind = 'workflow'"
 _LAST_SEQ = "SELECT VALUE value FROM ONLY meta:seq"
 
 
+# One encoder for all: json.dumps with options builds a new encoder per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def _to_json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 class SurrealStore(Store):
     """A ``Store`` on SurrealDB; give ``path`` for embedded surrealkv or ``url`` for a server.
 
     Embedded, the directory is locked against a second orchestrator (surrealkv itself
-    lets two processes open it and corrupt each other). A server is shared by design,
+    lets a second process open it without any error). A server is shared by design,
     so no lock is taken for ``url``.
     """
 
@@ -89,8 +93,8 @@ class SurrealStore(Store):
             assert url is not None
             target = url
         self.target = target
-        self._db = Surreal(target)
         try:
+            self._db = Surreal(target)
             if isinstance(self._db, BlockingEmbeddedSurrealConnection):
                 self._db.connect()  # the engine opens the files here; ws connects lazily
             if credentials is not None:
@@ -178,8 +182,10 @@ class SurrealStore(Store):
 
     def _abandon(self) -> None:
         # Already failing to open: the first error is the one worth reporting.
-        with contextlib.suppress(Exception):
-            self._db.close()
+        db = getattr(self, "_db", None)
+        if db is not None:
+            with contextlib.suppress(Exception):
+                db.close()
         self._release()
 
     def _release(self) -> None:

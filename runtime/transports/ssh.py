@@ -217,11 +217,12 @@ class SshTransport(Transport):
 
 
 def _load_host_key(host_key: str | Path | None) -> asyncssh.SSHKey:
+    """A ``Path`` or a bare path string is a ``.pub`` file; text with a space is the key."""
     assert host_key is not None
     try:
-        if isinstance(host_key, Path) or not host_key.lstrip().startswith(("ssh-", "ecdsa-")):
-            return asyncssh.read_public_key(str(host_key))
-        return asyncssh.import_public_key(host_key.strip())
+        if isinstance(host_key, str) and " " in host_key.strip():
+            return asyncssh.import_public_key(host_key.strip())
+        return asyncssh.read_public_key(str(host_key))
     except (OSError, asyncssh.KeyImportError) as exc:
         raise ValueError(f"cannot load pinned host key: {exc}") from exc
 

@@ -353,10 +353,12 @@ async def test_coalesced_create_refuses_mixed_configs(
 async def test_tables_file_overrides_defaults(moto: MotoServer, tmp_path: Path) -> None:
     path = tmp_path / "aws.json"
     path.write_text(json.dumps({"zones": {"lab": "eu-central-1c"}, "plans": {"tiny": "t3.nano"}}))
-    provider = AwsProvider.from_env(path, environ=sandbox_aws_env(moto.endpoint_url))
+    provider = AwsProvider.from_env(sandbox_aws_env(moto.endpoint_url), tables_path=path)
     ref = await provider.create_server(_spec(zone="lab", plan="tiny"), _key())
     assert (ref.zone, ref.extra["instance_type"]) == ("eu-central-1c", "t3.nano")
     assert provider.resolve_zone("de-fra1") == (REGION, None)  # defaults still there
+    env = {**sandbox_aws_env(moto.endpoint_url), "PROVISIONING_AWS_TABLES": str(path)}
+    assert AwsProvider.from_env(env).resolve_plan("tiny") == "t3.nano"
 
     path.write_text(json.dumps({"zones": {"lab": 3}}))
     with pytest.raises(PermanentError, match="zones"):

@@ -137,8 +137,15 @@ async def test_endpoint_timeout_kills_the_remote_command(endpoint: SshEndpoint) 
 
 def test_endpoint_command_line(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime.sandbox.ssh_endpoint", "--port", "0"]
-        + ["--data-dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "runtime.sandbox.ssh_endpoint",
+            "--port",
+            "0",
+            "--data-dir",
+            str(tmp_path),
+        ],
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,
@@ -305,11 +312,17 @@ async def test_openssh_timeout_stops_the_remote_command(sshd: Sshd) -> None:
 async def test_openssh_reconnects_after_the_connection_dies(sshd: Sshd) -> None:
     transport = _transport(sshd)
     try:
-        await transport.run(_server(), "true", {})
-        # Kill this session's sshd process (the parent of the script's bash) to drop it.
-        await transport.run(_server(), "kill -9 $PPID", {})
+        # The script's parent is the sshd process serving this connection (it was started
+        # by the fixture's sshd); killing it drops the cached connection while idle.
+        session_pid = int((await transport.run(_server(), "echo $PPID", {})).stdout)
+        os.kill(session_pid, signal.SIGKILL)
+        await asyncio.sleep(0.2)
         result = await transport.run(_server(), "echo back", {})
         assert result.stdout == "back\n"
+        assert transport.open_connections == 1
+        # A connection lost in the middle of a script is a TransportError, not an exit code.
+        with pytest.raises(TransportError, match=r"(?i)connection lost"):
+            await transport.run(_server(), "kill -9 $PPID; sleep 5", {})
     finally:
         await transport.close()
 

@@ -16,7 +16,7 @@ from typing import Any, cast
 import pytest
 from surrealdb import Surreal
 
-from runtime.errors import StoreCorruptError, StoreLockedError
+from runtime.errors import StoreCorruptError, StoreError, StoreLockedError
 from runtime.store import Backend, open_store
 from runtime.store import surreal as surreal_module
 from runtime.store.base import Event, Record, Store
@@ -145,6 +145,15 @@ def test_a_write_with_a_bad_document_writes_nothing(store: Store) -> None:
         store.write([item("wf1", "good")], [Event(1, "wf1", "t", {"s": {1, 2}})])
     assert store.load("wf1") == {}
     assert store.last_seq() == 0
+
+
+def test_a_closed_store_refuses_use(store: Store) -> None:
+    store.close()
+    store.close()
+    with pytest.raises(StoreError):
+        store.write([item("wf1", "k")])
+    with pytest.raises(StoreError):
+        store.load("wf1")
 
 
 def test_empty_write_is_allowed(store: Store) -> None:

@@ -30,7 +30,9 @@ CONFIG = {
 
 
 def _server(root: Path, name: str = "node-1") -> ServerRef:
-    return ServerRef(provider="local", id=name, name=name, key=f"k-{name}", extra={"root": str(root)})
+    return ServerRef(
+        provider="local", id=name, name=name, key=f"k-{name}", extra={"root": str(root)}
+    )
 
 
 async def _step(server: ServerRef, spec: TaskservSpec, step: str) -> ScriptResult:
