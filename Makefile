@@ -14,10 +14,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+DEMO_DATA_DIR ?= $(CURDIR)/data/demo
+
+# The seed example end to end in the sandbox: 2 servers on the UpCloud emulator, then
+# containerd, kubernetes and cilium on each over SSH. A fresh data dir every time.
 demo: setup
+	rm -rf $(DEMO_DATA_DIR)
 	$(PROV) batch validate workflows/example_batch.ncl
 	$(PROV) batch plan workflows/example_batch.ncl
-	$(PROV) batch run workflows/example_local.ncl --data-dir $(or $(DEMO_DATA_DIR),$(CURDIR)/data/demo)
+	$(PROV) batch run workflows/example_batch.ncl --sandbox --data-dir $(DEMO_DATA_DIR)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -102,7 +102,9 @@ class _Host:
         key = item_key(item["op_id"], item["name"])
         record = {"workflow_id": self.workflow_id, "kind": ITEM, "key": key, "doc": dict(item)}
         event = None
-        if self._last_status.get(key) != item["status"]:
+        # Terminal states only: a Running event per item would double the event log,
+        # and live counts already show what is in flight.
+        if item["status"] != "Running" and self._last_status.get(key) != item["status"]:
             self._last_status[key] = item["status"]
             data = {"op": item["op_id"], "item": item["name"], "status": item["status"]}
             if item.get("error"):

@@ -99,6 +99,7 @@ def run_foreground(
     *,
     resume_id: str | None = None,
     on_status: Callable[[Doc], None] = lambda doc: None,
+    on_submit: Callable[[str], None] = lambda wid: None,
     poll: float = 0.5,
 ) -> Doc:
     """Submit ``spec`` (or resume ``resume_id``) and poll until the workflow is terminal."""
@@ -106,6 +107,7 @@ def run_foreground(
         wid = call(orchestrator.resume, resume_id)["id"]
     else:
         wid = call(orchestrator.submit, spec)["id"]
+    on_submit(wid)
     while True:
         doc: Doc = call(orchestrator.get, wid)
         on_status(doc)

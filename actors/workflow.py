@@ -152,8 +152,14 @@ class WorkflowActor:
     def _mark_running(self, op_id: str) -> None:
         op = self.plan.operations[op_id]
         doc = self._op_docs.setdefault(op_id, {"id": op_id})
-        doc.update({"status": OpState.RUNNING.value, "type": op.spec.type.value,
-                    "total": len(op.items), "started_at": now()})
+        doc.update(
+            {
+                "status": OpState.RUNNING.value,
+                "type": op.spec.type.value,
+                "total": len(op.items),
+                "started_at": now(),
+            }
+        )
 
     async def _set_capacity(self, op_id: str, capacity: int) -> None:
         self._quota[op_id] = capacity

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -87,6 +88,17 @@ def run(
     address: Annotated[
         str | None, typer.Option("--address", help="Ray address to join (default: start one).")
     ] = None,
+    sandbox: Annotated[
+        bool,
+        typer.Option(
+            "--sandbox",
+            help="Run against the local stand-ins (UpCloud emulator, moto EC2, SSH endpoint), "
+            "started for this run and stopped after it. No cloud account needed.",
+        ),
+    ] = False,
+    upcloud_port: Annotated[int, typer.Option(help="Sandbox UpCloud emulator port.")] = 9091,
+    ec2_port: Annotated[int, typer.Option(help="Sandbox moto EC2 port.")] = 9092,
+    ssh_port: Annotated[int, typer.Option(help="Sandbox SSH endpoint port.")] = 9093,
 ) -> None:
     """Run a workflow in the foreground, without the API server, until it ends.
 
@@ -100,18 +112,43 @@ def run(
     if file is not None:
         spec = load_plan(file, settings).workflow.model_dump(mode="json")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    stand_ins = None
+    if sandbox:
+        from runtime.sandbox.launcher import Sandbox, SandboxPorts
+
+        ports = SandboxPorts(upcloud=upcloud_port, ec2=ec2_port, ssh=ssh_port)
+        err.print(
+            f"starting the sandbox (UpCloud :{upcloud_port}, EC2 :{ec2_port}, "
+            f"SSH :{ssh_port}) under {settings.data_dir / 'sandbox'}"
+        )
+        stand_ins = Sandbox(settings.data_dir, ports).start()
+        # The sandbox's endpoints and credentials replace the user's cloud settings.
+        settings = replace(settings, provider_env=stand_ins.env())
     from actors import runner  # Ray is imported only by commands that need it
 
     runner.connect(address)
     try:
         orch = runner.start_orchestrator(settings, detached=False, resume=False)
+
+        def announce(wid: str) -> None:
+            # On stderr, unwrapped: scripts and operators need the id to --resume.
+            print(
+                f"workflow {wid} (resume with: provisioning batch run --resume {wid})",
+                file=sys.stderr,
+                flush=True,
+            )
+
         if as_json:
-            doc = runner.run_foreground(orch, spec, resume_id=resume)
+            doc = runner.run_foreground(orch, spec, resume_id=resume, on_submit=announce)
         else:
             with WorkflowProgress(out) as bars:
-                doc = runner.run_foreground(orch, spec, resume_id=resume, on_status=bars.update)
+                doc = runner.run_foreground(
+                    orch, spec, resume_id=resume, on_status=bars.update, on_submit=announce
+                )
     finally:
         runner.shutdown()
+        if stand_ins is not None:
+            stand_ins.stop()
     if as_json:
         print(json.dumps(doc, indent=2))
     else:

@@ -145,7 +145,8 @@ def build_plan(workflow: WorkflowSpec, catalog: Mapping[str, TaskservSpec]) -> P
             items = tuple(
                 ItemPlan(op.id, sc.name, "server", provider, sc.name) for sc in op.server_configs
             )
-            calls[provider] = calls.get(provider, 0) + CALLS_PER_SERVER[provider] * len(items)
+            if CALLS_PER_SERVER[provider]:
+                calls[provider] = calls.get(provider, 0) + CALLS_PER_SERVER[provider] * len(items)
             op_plans[op.id] = OperationPlan(op, wave_of[op.id], items)
         else:
             op_plans[op.id] = _plan_taskservs(

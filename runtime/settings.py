@@ -41,7 +41,9 @@ class Settings:
         provider_env = {
             k: v
             for k, v in env.items()
-            if k.startswith(("UPCLOUD_", "AWS_", "PROVISIONING_RATE_", "PROVISIONING_SSH_"))
+            if k.startswith(
+                ("UPCLOUD_", "AWS_", "PROVISIONING_AWS_", "PROVISIONING_RATE_", "PROVISIONING_SSH_")
+            )
         }
         return cls(
             data_dir=default_data_dir(env),

@@ -102,9 +102,8 @@ class LocalProvider(Provider):
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    # Atomic but not fsynced: the store is the durable record, and after a machine
+    # crash a lost key file only makes create refuse the directory, never duplicate it.
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
+    tmp.write_text(text)
     os.replace(tmp, path)

@@ -201,6 +201,12 @@ def map_upcloud_error(exc: BaseException) -> ProviderError:
     return PermanentError(f"UpCloud call failed: {type(exc).__name__}: {exc}")
 
 
+def normalize_plan(plan: str) -> str:
+    """UpCloud's plan names have no spaces ("1xCPU-2GB"); workflows often write
+    "1xCPU-2 GB" as the web console shows it."""
+    return plan.replace(" ", "")
+
+
 def key_label_value(key: str) -> str:
     """The label value that carries ``key``: the key itself, or a hash when it does not fit.
 
@@ -318,7 +324,7 @@ class UpCloudProvider(Provider):
             "hostname": spec.name,
             "title": spec.name,
             "zone": spec.zone,
-            "plan": spec.plan,
+            "plan": normalize_plan(spec.plan),
             "labels": labels,
             "storage_devices": [Storage(os=image, size=self.storage_size)],
             "metadata": True,

@@ -55,6 +55,24 @@ class Orchestrator:
         self.runner = runner
         self.handle = runner.start_orchestrator(settings, detached=False, resume=False)
 
+    def restart(self, settings: Settings) -> None:
+        """Kill this orchestrator and start a new one with ``settings`` (same data dir:
+        the checkpoint actor stays). Its workflows and operations get ``settings``."""
+        import ray
+
+        from actors.names import NAMESPACE, ORCHESTRATOR
+
+        ray.kill(self.handle)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(ORCHESTRATOR, namespace=NAMESPACE)
+            except ValueError:
+                break
+            time.sleep(0.05)
+        self.settings = settings
+        self.handle = self.runner.start_orchestrator(settings, detached=False, resume=False)
+
     def run(self, spec: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
         wid = self.submit(spec)
         return self.wait(wid, timeout)

@@ -17,13 +17,23 @@ pytestmark = pytest.mark.integration
 
 def servers(op_id: str, names: list[str], **extra: Any) -> dict[str, Any]:
     configs = [{"name": n, "plan": "local", "zone": "local"} for n in names]
-    return {"id": op_id, "type": "server_batch", "provider": "local",
-            "server_configs": configs, **extra}
+    return {
+        "id": op_id,
+        "type": "server_batch",
+        "provider": "local",
+        "server_configs": configs,
+        **extra,
+    }
 
 
 def taskservs(op_id: str, names: list[str], deps: list[Any], **extra: Any) -> dict[str, Any]:
-    return {"id": op_id, "type": "taskserv_batch", "taskservs": names,
-            "dependencies": deps, **extra}
+    return {
+        "id": op_id,
+        "type": "taskserv_batch",
+        "taskservs": names,
+        "dependencies": deps,
+        **extra,
+    }
 
 
 def workflow(name: str, ops: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -49,12 +59,15 @@ def test_diamond_of_hard_dependencies_completes(orchestrator: Orchestrator) -> N
     write_taskserv(catalog, "left", f'echo "left $SERVER_NAME" >> {order_log}')
     write_taskserv(catalog, "right", f'echo "right $SERVER_NAME" >> {order_log}')
     write_taskserv(catalog, "top", f'echo "top $SERVER_NAME" >> {order_log}')
-    spec = workflow("diamond", [
-        servers("base", ["d-1", "d-2"]),
-        taskservs("left", ["left"], ["base"]),
-        taskservs("right", ["right"], ["base"]),
-        taskservs("top", ["top"], ["left", "right"]),
-    ])
+    spec = workflow(
+        "diamond",
+        [
+            servers("base", ["d-1", "d-2"]),
+            taskservs("left", ["left"], ["base"]),
+            taskservs("right", ["right"], ["base"]),
+            taskservs("top", ["top"], ["left", "right"]),
+        ],
+    )
     doc = orchestrator.run(spec)
     assert doc["status"] == "Completed", doc
     assert set(op_status(doc).values()) == {"Completed"}
@@ -74,12 +87,15 @@ def test_soft_dependency_runs_after_failure_and_hard_dependent_is_skipped(
     write_taskserv(catalog, "broken", 'echo "disk full on $SERVER_NAME" >&2; exit 1')
     write_taskserv(catalog, "cleanup", "true")
     write_taskserv(catalog, "next", "true")
-    spec = workflow("soft", [
-        servers("base", ["s-1"]),
-        taskservs("broken", ["broken"], ["base"], retry={"attempts": 1}),
-        taskservs("hard_after", ["next"], ["broken"]),
-        taskservs("soft_after", ["cleanup"], [{"on": "broken", "kind": "soft"}, "base"]),
-    ])
+    spec = workflow(
+        "soft",
+        [
+            servers("base", ["s-1"]),
+            taskservs("broken", ["broken"], ["base"], retry={"attempts": 1}),
+            taskservs("hard_after", ["next"], ["broken"]),
+            taskservs("soft_after", ["cleanup"], [{"on": "broken", "kind": "soft"}, "base"]),
+        ],
+    )
     doc = orchestrator.run(spec)
     assert doc["status"] == "Failed"
     assert op_status(doc) == {
@@ -100,11 +116,19 @@ def test_failure_on_one_server_within_and_beyond_tolerance(
     catalog = orchestrator.settings.taskserv_path[0]
     write_taskserv(catalog, "picky", '[ "$SERVER_NAME" != "t-2" ] || exit 3')
     write_taskserv(catalog, "after", "true", requires=("picky",))
-    spec = workflow("tolerance", [
-        servers("base", ["t-1", "t-2", "t-3"]),
-        taskservs("install", ["after", "picky"], ["base"],
-                  tolerated_failures=tolerated, retry={"attempts": 1}),
-    ])
+    spec = workflow(
+        "tolerance",
+        [
+            servers("base", ["t-1", "t-2", "t-3"]),
+            taskservs(
+                "install",
+                ["after", "picky"],
+                ["base"],
+                tolerated_failures=tolerated,
+                retry={"attempts": 1},
+            ),
+        ],
+    )
     doc = orchestrator.run(spec)
     install = next(op for op in doc["operations"] if op["id"] == "install")
     assert install["status"] == expected
@@ -127,18 +151,24 @@ def test_parallel_limit_is_never_exceeded_across_operations(
 ) -> None:
     catalog = orchestrator.settings.taskserv_path[0]
     spans = tmp_path / "spans.log"
-    body = f'echo "start $(date +%s.%N)" >> {spans}; sleep 0.3; echo "end $(date +%s.%N)" >> {spans}'
+    body = (
+        f'echo "start $(date +%s.%N)" >> {spans}; sleep 0.3; echo "end $(date +%s.%N)" >> {spans}'
+    )
     write_taskserv(catalog, "slow_a", body)
     write_taskserv(catalog, "slow_b", body)
     names_a = [f"a-{i}" for i in range(8)]
     names_b = [f"b-{i}" for i in range(8)]
-    spec = workflow("limits", [
-        servers("servers_a", names_a),
-        servers("servers_b", names_b),
-        # Two independent branches run at the same time and share the workflow's limit.
-        taskservs("install_a", ["slow_a"], ["servers_a"]),
-        taskservs("install_b", ["slow_b"], ["servers_b"]),
-    ], parallel_limit=3)
+    spec = workflow(
+        "limits",
+        [
+            servers("servers_a", names_a),
+            servers("servers_b", names_b),
+            # Two independent branches run at the same time and share the workflow's limit.
+            taskservs("install_a", ["slow_a"], ["servers_a"]),
+            taskservs("install_b", ["slow_b"], ["servers_b"]),
+        ],
+        parallel_limit=3,
+    )
     doc = orchestrator.run(spec)
     assert doc["status"] == "Completed"
     events = []
@@ -171,8 +201,9 @@ def test_operation_actor_killed_mid_run_is_recreated(orchestrator: Orchestrator)
     orchestrator.settings = replace(orchestrator.settings, local_ready_delay=0.3)
     ray.kill(orchestrator.handle)
     eventually(lambda: _gone("orchestrator"))
-    orchestrator.handle = runner.start_orchestrator(orchestrator.settings, detached=False,
-                                                    resume=False)
+    orchestrator.handle = runner.start_orchestrator(
+        orchestrator.settings, detached=False, resume=False
+    )
     wid = orchestrator.submit(spec)
     actor_name = operation_actor(wid, "fleet")
 
@@ -205,8 +236,11 @@ def test_cancel_stops_starting_items(orchestrator: Orchestrator) -> None:
     catalog = orchestrator.settings.taskserv_path[0]
     write_taskserv(catalog, "sleepy", "sleep 0.5")
     names = [f"c-{i}" for i in range(12)]
-    spec = workflow("cancel", [servers("base", names),
-                               taskservs("slow", ["sleepy"], ["base"])], parallel_limit=2)
+    spec = workflow(
+        "cancel",
+        [servers("base", names), taskservs("slow", ["sleepy"], ["base"])],
+        parallel_limit=2,
+    )
     wid = orchestrator.submit(spec)
     eventually(lambda: orchestrator.get(wid)["operations"][1]["status"] == "Running", timeout=60)
     threading.Timer(0, lambda: None).start()

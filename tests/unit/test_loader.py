@@ -118,7 +118,7 @@ def test_nickel_contract_error_keeps_message_file_and_line(
     path = _ncl(
         tmp_path,
         "bad_contract.ncl",
-        "{\n  batch_workflow = {\n    name = \"x\",\n"
+        '{\n  batch_workflow = {\n    name = "x",\n'
         f"    {field_line}\n"
         f"    operations = [{MINIMAL_OP}],\n  }},\n}}\n",
     )
@@ -209,9 +209,7 @@ def _seed_data() -> dict[str, Any]:
         ),
     ],
 )
-def test_json_errors_name_field_path_and_operation(
-    tmp_path: Path, mutate: Any, where: str
-) -> None:
+def test_json_errors_name_field_path_and_operation(tmp_path: Path, mutate: Any, where: str) -> None:
     data = _seed_data()
     mutate(data)
     path = tmp_path / "bad.json"
@@ -264,12 +262,12 @@ def nickel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     [
         'import "/etc/passwd"',
         'import "../x.ncl"',
-        "import \"/etc/os-release\" as 'Text",
-        "{ batch_workflow = (import \"/etc/os-release\" as 'Text) }",
-        "import \"workflows.ncl\" as 'Text",
+        'import "/etc/os-release" as \'Text',
+        '{ batch_workflow = (import "/etc/os-release" as \'Text) }',
+        'import "workflows.ncl" as \'Text',
         'import "sub/workflows.ncl"',
         'import "submitted.ncl"',
-        "{ a = import\n  \"/etc/passwd\" }",
+        '{ a = import\n  "/etc/passwd" }',
     ],
 )
 def test_hostile_import_refused_before_evaluation(source: str, nickel_calls: list[str]) -> None:

@@ -273,7 +273,9 @@ def test_unknown_taskserv_lists_the_catalog(catalog: dict[str, TaskservSpec]) ->
         assert name in msg
 
 
-@pytest.mark.parametrize("listed", list(itertools.permutations(["kubernetes", "cilium", "containerd"])))
+@pytest.mark.parametrize(
+    "listed", list(itertools.permutations(["kubernetes", "cilium", "containerd"]))
+)
 def test_taskserv_order_follows_requires(
     catalog: dict[str, TaskservSpec], listed: tuple[str, ...]
 ) -> None:
