@@ -38,8 +38,11 @@ def _kill_all_named() -> None:
             pass
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        names = [i for i in ray.util.list_named_actors(all_namespaces=True)
-                 if i["namespace"] == NAMESPACE]
+        names = [
+            i
+            for i in ray.util.list_named_actors(all_namespaces=True)
+            if i["namespace"] == NAMESPACE
+        ]
         if not names:
             return
         time.sleep(0.1)
