@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +74,6 @@ def test_diamond_of_hard_dependencies_completes(orchestrator: Orchestrator) -> N
     # "top" runs only after both branches finished on every server.
     first_top = min(i for i, ln in enumerate(lines) if ln.startswith("top"))
     assert all(not ln.startswith("top") for ln in lines[:4]) and first_top == 4
-    assert sorted(creations(orchestrator)) == sorted(creations(orchestrator))
     assert len(creations(orchestrator)) == 2
 
 
@@ -189,8 +186,6 @@ def test_operation_actor_killed_mid_run_is_recreated(orchestrator: Orchestrator)
 
     from actors.names import NAMESPACE, operation_actor
 
-    slow = Orchestrator.__new__(Orchestrator)
-    slow.__dict__.update(orchestrator.__dict__)
     names = [f"k-{i:02d}" for i in range(30)]
     spec = workflow("killed", [servers("fleet", names)], parallel_limit=5)
     # Local servers take 0.3 s to be ready here, so the kill lands mid-operation.
@@ -243,11 +238,9 @@ def test_cancel_stops_starting_items(orchestrator: Orchestrator) -> None:
     )
     wid = orchestrator.submit(spec)
     eventually(lambda: orchestrator.get(wid)["operations"][1]["status"] == "Running", timeout=60)
-    threading.Timer(0, lambda: None).start()
     orchestrator.runner.call(orchestrator.handle.cancel, wid)
     doc = orchestrator.wait(wid, timeout=60)
     assert doc["status"] == "Cancelled"
     slow = doc["operations"][1]
     assert slow["status"] == "Cancelled"
     assert slow["counts"].get("Cancelled", 0) >= 6
-    time.sleep(0)
