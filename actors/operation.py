@@ -18,7 +18,7 @@ import ray
 from actors.names import CHECKPOINT, NAMESPACE, PROVIDER_POOL
 from runtime.engine import FORWARD, OperationRunner, RunnerContext
 from runtime.groupcommit import GroupCommitter
-from runtime.planner import Plan, build_plan
+from runtime.planner import OperationPlan, Plan, build_plan
 from runtime.providers.base import Provider, ServerRef
 from runtime.providers.registry import build_provider
 from runtime.records import ITEM, OPERATION, idempotency_key, item_key, new_item_doc, now
@@ -28,13 +28,13 @@ from runtime.transports.base import Transport
 from runtime.transports.registry import build_transport
 from schemas.catalog import catalog_dirs, load_catalog
 from schemas.loader import workflow_from_data
-from schemas.models import OperationType
+from schemas.models import OperationType, TaskservSpec
 
 log = logging.getLogger(__name__)
 Doc = dict[str, Any]
 
 
-def plan_for(spec: Doc, settings: Settings) -> tuple[Plan, dict[str, Any]]:
+def plan_for(spec: Doc, settings: Settings) -> tuple[Plan, dict[str, TaskservSpec]]:
     catalog = load_catalog(
         catalog_dirs({"PROVISIONING_TASKSERV_PATH": ":".join(map(str, settings.taskserv_path))})
     )
@@ -121,20 +121,42 @@ class _Host:
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class OperationActor:
-    def __init__(self, workflow_id: str, op_id: str, spec: Doc, settings: Settings) -> None:
-        self.workflow_id, self.op_id, self.settings = workflow_id, op_id, settings
-        self.plan, self.catalog = plan_for(spec, settings)
-        self.op = self.plan.operations[op_id]
+    """Created by the workflow actor, possibly a wave early (so the ~220 ms of process
+    start overlaps the previous wave), with this operation's slice of the plan."""
+
+    def __init__(
+        self,
+        workflow_id: str,
+        op: OperationPlan,
+        catalog: dict[str, TaskservSpec],
+        settings: Settings,
+    ) -> None:
+        self.workflow_id, self.op_id, self.settings = workflow_id, op.id, settings
+        self.op, self.catalog = op, catalog
         self.checkpoint = ray.get_actor(CHECKPOINT, namespace=NAMESPACE)
         self.pool = ray.get_actor(PROVIDER_POOL, namespace=NAMESPACE)
         self.runner: OperationRunner | None = None
         self._run: asyncio.Task[Doc] | None = None
         self._cancelled = False
 
-    async def run(self, capacity: int, mode: str = FORWARD) -> Doc:
-        """Run to a terminal state; a second call joins the first."""
+    def ready(self) -> bool:
+        return True
+
+    async def run(
+        self,
+        capacity: int,
+        mode: str = FORWARD,
+        items: dict[str, Doc] | None = None,
+        servers: dict[str, Doc | None] | None = None,
+    ) -> Doc:
+        """Run to a terminal state; a second call joins the first.
+
+        ``items`` (this operation's stored item documents) and ``servers`` (the
+        references of its target servers) come from the workflow actor when it knows
+        them; when they are None (a recreated actor) they are read from the store.
+        """
         if self._run is None:
-            self._run = asyncio.create_task(self._execute(capacity, mode))
+            self._run = asyncio.create_task(self._execute(capacity, mode, items, servers))
         return await asyncio.shield(self._run)
 
     async def set_capacity(self, capacity: int) -> None:
@@ -155,9 +177,24 @@ class OperationActor:
     async def _sink(self, records: list[Doc], events: list[Doc]) -> None:
         await self.checkpoint.write.remote(records, events)
 
-    async def _execute(self, capacity: int, mode: str) -> Doc:
-        docs = await self.checkpoint.load.remote(self.workflow_id)
-        items = self._items(docs)
+    async def _execute(
+        self,
+        capacity: int,
+        mode: str,
+        known_items: dict[str, Doc] | None,
+        known_servers: dict[str, Doc | None] | None,
+    ) -> Doc:
+        docs: dict[tuple[str, str], Doc] = {}
+        is_taskserv_op = self.op.spec.type is OperationType.TASKSERV_BATCH
+        if known_items is None or (is_taskserv_op and known_servers is None):
+            docs = await self.checkpoint.load.remote(self.workflow_id)
+            known_items = {
+                key.split("/", 1)[1]: d
+                for (kind, key), d in docs.items()
+                if kind == ITEM and d.get("op_id") == self.op_id
+            }
+            known_servers = self._servers_from(docs)
+        items = self._items(known_items)
         committer = GroupCommitter(self._sink)
         provider_name = self.op.spec.provider.value if self.op.spec.provider else "local"
         is_server_op = self.op.spec.type is OperationType.SERVER_BATCH
@@ -169,7 +206,10 @@ class OperationActor:
         try:
             if is_server_op:
                 provider = build_provider(provider_name, self.settings)
-            servers = self._servers(docs)
+            servers = {
+                name: ServerRef.from_dict(ref) if ref else None
+                for name, ref in (known_servers or {}).items()
+            }
             for ref in servers.values():
                 if ref is not None and ref.provider not in transports:
                     transports[ref.provider] = build_transport(ref.provider, self.settings)
@@ -181,8 +221,12 @@ class OperationActor:
                 self.runner.cancel()
             started = now()
             running = OpState.RUNNING.value
-            await self._write_op(committer, {"status": running, "started_at": started}, docs)
+            # Not awaited: items need not wait for it; drain() below makes it durable.
+            opening = asyncio.create_task(
+                self._write_op(committer, {"status": running, "started_at": started}, docs)
+            )
             outcome = await self.runner.run()
+            await opening
             await committer.drain()
             final = {
                 "status": outcome.status.value,
@@ -193,6 +237,8 @@ class OperationActor:
                 "max_in_flight": outcome.max_in_flight,
             }
             await self._write_op(committer, final, docs)
+            if not is_taskserv_op:
+                final = {**final, "servers": self._server_results(items)}
             return final
         finally:
             for t in transports.values():
@@ -212,24 +258,29 @@ class OperationActor:
         record = {"workflow_id": self.workflow_id, "kind": OPERATION, "key": self.op_id, "doc": doc}
         await committer.put(record, event)
 
-    def _items(self, docs: Doc) -> dict[str, Doc]:
+    def _items(self, stored: dict[str, Doc]) -> dict[str, Doc]:
         items: dict[str, Doc] = {}
         for plan_item in self.op.items:
-            stored = docs.get((ITEM, item_key(self.op_id, plan_item.name)))
-            if stored is None:
+            doc = stored.get(plan_item.name)
+            if doc is None:
                 key = idempotency_key(self.workflow_id, self.op_id, plan_item.name)
-                stored = new_item_doc(self.op_id, plan_item.name, plan_item.kind, key)
-            elif stored["status"] == ItemState.RUNNING.value:
-                stored = dict(stored)  # reconciled by the lifecycle (it has an intent)
-            items[plan_item.name] = dict(stored)
+                doc = new_item_doc(self.op_id, plan_item.name, plan_item.kind, key)
+            items[plan_item.name] = dict(doc)
         return items
 
-    def _servers(self, docs: Doc) -> dict[str, ServerRef | None]:
+    def _servers_from(self, docs: dict[tuple[str, str], Doc]) -> dict[str, Doc | None]:
         """Targets of a taskserv operation: the reference of each completed server."""
-        servers: dict[str, ServerRef | None] = {}
-        for name in self.op.targets:
-            sp = self.plan.servers[name]
-            doc = docs.get((ITEM, item_key(sp.op_id, name)))
-            ok = doc is not None and doc["status"] == ItemState.COMPLETED.value and doc["result"]
-            servers[name] = ServerRef.from_dict(doc["result"]) if ok and doc else None
-        return servers
+        by_name = {
+            d["name"]: d for (kind, _), d in docs.items() if kind == ITEM and d["kind"] == "server"
+        }
+        return {name: _completed_ref(by_name.get(name)) for name in self.op.targets}
+
+    @staticmethod
+    def _server_results(items: dict[str, Doc]) -> dict[str, Doc | None]:
+        return {name: _completed_ref(doc) for name, doc in items.items()}
+
+
+def _completed_ref(doc: Doc | None) -> Doc | None:
+    if doc is None or doc["status"] != ItemState.COMPLETED.value or not doc.get("result"):
+        return None
+    return dict(doc["result"])

@@ -17,7 +17,7 @@ from ray.exceptions import RayActorError
 from actors.names import CHECKPOINT, NAMESPACE, operation_actor, workflow_actor
 from actors.operation import OperationActor, plan_for
 from runtime.engine import FORWARD, ROLLBACK
-from runtime.records import OPERATION, WORKFLOW, now, status_document
+from runtime.records import ITEM, OPERATION, WORKFLOW, now, status_document
 from runtime.scheduler import DagScheduler, downstream, rollback_order, split_quota
 from runtime.settings import Settings
 from runtime.states import OP_TERMINAL, OpState, WorkflowState
@@ -25,6 +25,7 @@ from runtime.states import OP_TERMINAL, OpState, WorkflowState
 log = logging.getLogger(__name__)
 Doc = dict[str, Any]
 RECREATE_DELAY = 0.5
+PREWARM = 4  # operation actors created ahead of need, at most
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -76,7 +77,15 @@ class WorkflowActor:
         docs = await self.checkpoint.load.remote(self.id)
         self._doc = dict(docs[(WORKFLOW, "")])
         self._op_docs = {k: dict(v) for (kind, k), v in docs.items() if kind == OPERATION}
-        self.plan, _ = plan_for(self._doc["spec"], self.settings)
+        self.plan, self.catalog = plan_for(self._doc["spec"], self.settings)
+        # What operation actors would otherwise each read from the store again.
+        self._items_by_op: dict[str, dict[str, Doc]] = {}
+        self._servers: dict[str, Doc | None] = {name: None for name in self.plan.servers}
+        for (kind, _), d in docs.items():
+            if kind == ITEM:
+                self._items_by_op.setdefault(d["op_id"], {})[d["name"]] = d
+                if d["kind"] == "server" and d["status"] == "Completed" and d.get("result"):
+                    self._servers[d["name"]] = d["result"]
         if mode == ROLLBACK or self._doc["status"] == WorkflowState.ROLLING_BACK.value:
             subset = subset or self._doc.get("rollback_subset")
             return await self._rollback(subset)
@@ -102,20 +111,33 @@ class WorkflowActor:
             ready = [op for op in sched.ready() if op not in running]
             if ready:
                 await self._start(ready, running)
+            self._prewarm(sched, running)
             if not running:
                 if sched.all_terminal() or not sched.ready():
                     break
                 continue
             done, _ = await asyncio.wait(running.values(), return_when=asyncio.FIRST_COMPLETED)
             for op_id in [o for o, t in running.items() if t in done]:
-                result = running.pop(op_id).result()
+                result = dict(running.pop(op_id).result())
+                self._servers.update(result.pop("servers", None) or {})
                 self._op_docs.setdefault(op_id, {}).update(result)
                 self._counts[op_id] = result.get("counts", {})
                 sched.set(op_id, OpState(result["status"]))
                 self._quota.pop(op_id, None)
                 await self._retire(op_id)
             await self._rebalance(running)
+        for op_id in list(self._ops):
+            await self._retire(op_id)  # prewarmed for operations that never ran
         return sched.outcome(self._cancelled)
+
+    def _prewarm(self, sched: DagScheduler, running: dict[str, asyncio.Task[Doc]]) -> None:
+        """Create the actors of operations that will be ready once the running ones
+        complete, so starting the next wave does not wait for new processes."""
+        if sched.stopped or self._cancelled:
+            return
+        for op_id in sched.next_wave(running):
+            if op_id not in self._ops and len(self._ops) < len(running) + PREWARM:
+                self._ops[op_id] = self._operation_actor(op_id)
 
     async def _start(self, ready: list[str], running: dict[str, asyncio.Task[Doc]]) -> None:
         """Start what the workflow-wide limit allows, lowering running operations'
@@ -171,24 +193,37 @@ class WorkflowActor:
                 pass  # a recreated actor starts with the current quota
 
     async def _run_op(self, op_id: str, mode: str) -> Doc:
+        first = True
         while True:
-            actor = self._operation_actor(op_id)
+            actor = self._ops.get(op_id) or self._operation_actor(op_id)
             self._ops[op_id] = actor
+            items = servers = None
+            if first and mode == FORWARD:
+                items = self._items_by_op.pop(op_id, {})
+                servers = {name: self._servers.get(name) for name in self._targets(op_id)}
             try:
                 if self._cancelled:
                     await actor.cancel.remote()
-                return await actor.run.remote(self._quota.get(op_id, 1), mode)  # type: ignore[no-any-return]
+                quota = self._quota.get(op_id, 1)
+                return await actor.run.remote(quota, mode, items, servers)  # type: ignore[no-any-return]
             except RayActorError as exc:
+                # The actor died: a new one reads what the old one stored and carries on.
                 log.warning("operation actor %s died (%s); recreating it", op_id, exc)
                 self._ops.pop(op_id, None)
+                first = False
                 await asyncio.sleep(RECREATE_DELAY)
 
+    def _targets(self, op_id: str) -> tuple[str, ...]:
+        return self.plan.operations[op_id].targets
+
     def _operation_actor(self, op_id: str) -> Any:
+        op = self.plan.operations[op_id]
+        catalog = {name: self.catalog[name] for name in op.taskserv_order}
         return OperationActor.options(  # type: ignore[attr-defined]
             name=operation_actor(self.id, op_id),
             namespace=NAMESPACE,
             get_if_exists=True,
-        ).remote(self.id, op_id, self._doc["spec"], self.settings)
+        ).remote(self.id, op, catalog, self.settings)
 
     async def _retire(self, op_id: str) -> None:
         actor = self._ops.pop(op_id, None)

@@ -59,6 +59,22 @@ class DagScheduler:
                     out.append(op_id)
         return out
 
+    def next_wave(self, running: Iterable[str]) -> list[str]:
+        """Pending operations that will be ready if the ``running`` ones complete."""
+        if self.stopped:
+            return []
+        assume = set(running)
+        out = []
+        for wave in self.plan.waves:
+            for op_id in wave:
+                if self.states[op_id] is not OpState.PENDING or op_id in assume:
+                    continue
+                op = self.plan.operations[op_id]
+                deps = [*op.hard_dependencies(), *op.soft_dependencies()]
+                if deps and all(d in assume or self.states[d] in OP_TERMINAL for d in deps):
+                    out.append(op_id)
+        return out
+
     def _deps_met(self, op_id: str) -> bool:
         op = self.plan.operations[op_id]
         hard_ok = all(self.states[d] is OpState.COMPLETED for d in op.hard_dependencies())
