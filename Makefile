@@ -48,6 +48,7 @@ bench: setup
 	$(PY) -m bench all
 
 bench-quick: setup
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m bench quick
 
 clean:

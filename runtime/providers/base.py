@@ -8,7 +8,7 @@ Blocking cloud clients run in a thread so the operation actor's loop stays free.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.models import ServerConfigSpec
@@ -29,7 +29,8 @@ class ServerRef:
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Not dataclasses.asdict: its deep copy is a tenth of an item's cost here.
+        return {**self.__dict__, "extra": dict(self.extra)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServerRef:
