@@ -16,13 +16,21 @@ $(VENV)/.installed: pyproject.toml
 
 DEMO_DATA_DIR ?= $(CURDIR)/data/demo
 
-# The seed example end to end in the sandbox: 2 servers on the UpCloud emulator, then
-# containerd, kubernetes and cilium on each over SSH. A fresh data dir every time.
+# The seed example through the service, as a user runs it: `up --sandbox` starts Ray,
+# the orchestrator, the REST API on 127.0.0.1:9090 and the sandbox (UpCloud emulator,
+# moto EC2, SSH endpoint); `submit --wait` sends the Nickel file over REST and follows
+# it live; `stats` sums up. Everything stays up afterwards; the last line says how to
+# stop it. A fresh data dir every time (a previous demo is stopped first).
 demo: setup
+	-$(PROV) down --data-dir $(DEMO_DATA_DIR) >/dev/null 2>&1
 	rm -rf $(DEMO_DATA_DIR)
-	$(PROV) batch validate workflows/example_batch.ncl
-	$(PROV) batch plan workflows/example_batch.ncl
-	$(PROV) batch run workflows/example_batch.ncl --sandbox --data-dir $(DEMO_DATA_DIR)
+	$(PROV) up --sandbox --data-dir $(DEMO_DATA_DIR)
+	PROVISIONING_DATA_DIR=$(DEMO_DATA_DIR) $(PROV) batch submit workflows/example_batch.ncl --wait
+	PROVISIONING_DATA_DIR=$(DEMO_DATA_DIR) $(PROV) batch stats
+	@echo
+	@echo "The orchestrator is still running: API http://127.0.0.1:9090, Ray dashboard in the lines above."
+	@echo "Try: PROVISIONING_DATA_DIR=$(DEMO_DATA_DIR) $(PROV) batch list"
+	@echo "Stop it with: $(PROV) down --data-dir $(DEMO_DATA_DIR)"
 
 lint: setup
 	$(VENV)/bin/ruff check .

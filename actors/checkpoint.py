@@ -17,6 +17,8 @@ from typing import Any
 
 import ray
 
+from actors import metrics
+from runtime import crashpoints
 from runtime.store import Event, Record, Store, open_store
 from runtime.store.lock import DirLock
 
@@ -27,7 +29,10 @@ BACKENDS = ("surrealdb", "filesystem")
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class CheckpointActor:
-    def __init__(self, data_dir: str, surrealdb_url: str | None = None) -> None:
+    def __init__(
+        self, data_dir: str, surrealdb_url: str | None = None, crash_at: str | None = None
+    ) -> None:
+        crashpoints.configure(crash_at)  # fault tests only
         self.data_dir = Path(data_dir)
         # One orchestrator per data dir: a second one fails here, before touching data.
         self._lock = DirLock(self.data_dir / "run")
@@ -101,8 +106,10 @@ class CheckpointActor:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            self.write_latencies.append(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.write_latencies.append(elapsed)
             del self.write_latencies[:-1000]
+            metrics.checkpoint_write(elapsed, sum(len(records) for records, _, _ in batch))
             for _, _, fut in batch:
                 if not fut.done():
                     fut.set_result(self.seq)
@@ -125,6 +132,7 @@ class CheckpointActor:
                 )
         for backend, (recs, evs) in per_backend.items():
             await self._run_io(self._store(backend).write, recs, evs)
+        crashpoints.crash_point("during_commit")  # written, not yet acknowledged
         self.seq = seq
 
     async def _notify(self) -> None:

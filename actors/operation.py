@@ -16,6 +16,7 @@ from typing import Any
 import ray
 
 from actors.names import CHECKPOINT, NAMESPACE, PROVIDER_POOL
+from runtime import crashpoints
 from runtime.engine import FORWARD, OperationRunner, RunnerContext
 from runtime.groupcommit import GroupCommitter
 from runtime.planner import OperationPlan, Plan, build_plan
@@ -50,6 +51,7 @@ class Permits:
         self._waiting = 0
         self._fetch: asyncio.Task[None] | None = None
         self._to_release = 0
+        self._succeeded = 0  # of the calls in _to_release, those that did not raise
         self._releaser: asyncio.Task[None] | None = None
 
     @contextlib.asynccontextmanager
@@ -66,24 +68,44 @@ class Permits:
             self._tokens -= 1
         finally:
             self._waiting -= 1
+            self._return_surplus()
+        ok = False
         try:
             yield
+            ok = True
         finally:
-            self._to_release += 1
-            if self._releaser is None or self._releaser.done():
-                self._releaser = asyncio.create_task(self._release_soon())
+            self._release(1, ok)
 
     async def _refill(self) -> None:
         granted, retry_in = await self.pool.acquire.remote(self.key, max(1, self._waiting))
         self._tokens += granted
+        self._return_surplus()
         if not granted:
             await asyncio.sleep(retry_in)
 
+    def _return_surplus(self) -> None:
+        """Tokens no waiter is left to take (a waiter timed out) go back to the pool, which
+        counts every granted permit in flight until it is released."""
+        surplus = self._tokens - self._waiting
+        if surplus > 0:
+            self._tokens -= surplus
+            self._release(surplus, False)
+
+    def _release(self, n: int, succeeded: bool) -> None:
+        self._to_release += n
+        self._succeeded += n if succeeded else 0
+        if self._releaser is None or self._releaser.done():
+            self._releaser = asyncio.create_task(self._release_soon())
+
     async def _release_soon(self) -> None:
-        await asyncio.sleep(0.02)  # gather releases into one call
-        n, self._to_release = self._to_release, 0
-        if n:
-            await self.pool.release.remote(self.key, n, n)
+        # Loop until nothing is left: a release that comes while a release call is in
+        # flight starts no task of its own, and would otherwise never reach the pool.
+        while self._to_release:
+            await asyncio.sleep(0.02)  # gather releases into one call
+            n, self._to_release = self._to_release, 0
+            ok, self._succeeded = self._succeeded, 0
+            # Only calls that did not raise count as successes (AIMD's additive increase).
+            await self.pool.release.remote(self.key, n, ok)
 
     def throttled(self, retry_after: float | None) -> None:
         self.pool.throttled.remote(self.key, retry_after)
@@ -132,6 +154,7 @@ class OperationActor:
         settings: Settings,
     ) -> None:
         self.workflow_id, self.op_id, self.settings = workflow_id, op.id, settings
+        crashpoints.configure(settings.crash_at)  # fault tests only
         self.op, self.catalog = op, catalog
         self.checkpoint = ray.get_actor(CHECKPOINT, namespace=NAMESPACE)
         self.pool = ray.get_actor(PROVIDER_POOL, namespace=NAMESPACE)

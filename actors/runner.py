@@ -14,10 +14,11 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.names import CHECKPOINT, NAMESPACE, ORCHESTRATOR
 from actors.orchestrator import OrchestratorActor
-from runtime.errors import InputError, StoreLockedError
+from runtime.errors import InputError, ProvisioningError, StoreLockedError
 from runtime.settings import Settings
 
 Doc = dict[str, Any]
@@ -48,10 +49,12 @@ def unwrap(exc: BaseException) -> BaseException:
         if isinstance(cause, InputError | StoreLockedError):
             return cause
         inner = getattr(exc, "cause", None)
+        if isinstance(inner, RayActorError | RayTaskError):
+            return unwrap(inner)  # e.g. the checkpoint actor the orchestrator called died
         if isinstance(inner, BaseException):
             return inner
     if isinstance(exc, RayActorError) and "StoreLockedError" in str(exc):
-        line = next((ln for ln in str(exc).splitlines() if "StoreLockedError" in ln), str(exc))
+        line = next((ln for ln in str(exc).splitlines() if "StoreLockedError:" in ln), str(exc))
         return StoreLockedError(line.split("StoreLockedError:", 1)[-1].strip())
     return exc
 
@@ -59,7 +62,14 @@ def unwrap(exc: BaseException) -> BaseException:
 def start_orchestrator(settings: Settings, *, detached: bool, resume: bool = True) -> Any:
     """Get or create the orchestrator; raise ``StoreLockedError`` if another one owns
     the data dir."""
-    options: dict[str, Any] = {"name": ORCHESTRATOR, "namespace": NAMESPACE, "get_if_exists": True}
+    # On this node, with the checkpoint actor it creates: the data dir is local here.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    options: dict[str, Any] = {
+        "name": ORCHESTRATOR,
+        "namespace": NAMESPACE,
+        "get_if_exists": True,
+        "scheduling_strategy": here,
+    }
     if detached:
         options["lifetime"] = "detached"
     deadline = time.monotonic() + 15
@@ -113,6 +123,11 @@ def run_foreground(
         on_status(doc)
         if doc["status"] in TERMINAL:
             return doc
+        if doc.get("halted"):
+            raise ProvisioningError(
+                f"workflow {wid} stopped ({doc['status']}): {doc['halted']}; "
+                f"fix the cause, then: provisioning batch run --resume {wid}"
+            )
         time.sleep(poll)
 
 

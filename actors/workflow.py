@@ -16,11 +16,12 @@ from ray.exceptions import RayActorError
 
 from actors.names import CHECKPOINT, NAMESPACE, operation_actor, workflow_actor
 from actors.operation import OperationActor, plan_for
+from runtime import rollback
 from runtime.engine import FORWARD, ROLLBACK
-from runtime.records import ITEM, OPERATION, WORKFLOW, now, status_document
-from runtime.scheduler import DagScheduler, downstream, rollback_order, split_quota
+from runtime.records import ITEM, OPERATION, WORKFLOW, item_key, now, status_document
+from runtime.scheduler import DagScheduler, rollback_order, split_quota
 from runtime.settings import Settings
-from runtime.states import OP_TERMINAL, OpState, WorkflowState
+from runtime.states import OP_TERMINAL, ItemState, OpState, WorkflowState
 
 log = logging.getLogger(__name__)
 Doc = dict[str, Any]
@@ -74,6 +75,8 @@ class WorkflowActor:
     # -- driving -------------------------------------------------------------------
 
     async def _execute(self, mode: str, subset: list[str] | None) -> Doc:
+        for op_id in list(self._ops):
+            await self._retire(op_id)  # left by a run that stopped on an error
         docs = await self.checkpoint.load.remote(self.id)
         self._doc = dict(docs[(WORKFLOW, "")])
         self._op_docs = {k: dict(v) for (kind, k), v in docs.items() if kind == OPERATION}
@@ -86,9 +89,11 @@ class WorkflowActor:
                 self._items_by_op.setdefault(d["op_id"], {})[d["name"]] = d
                 if d["kind"] == "server" and d["status"] == "Completed" and d.get("result"):
                     self._servers[d["name"]] = d["result"]
-        if mode == ROLLBACK or self._doc["status"] == WorkflowState.ROLLING_BACK.value:
-            subset = subset or self._doc.get("rollback_subset")
+        if mode == ROLLBACK:
             return await self._rollback(subset)
+        if self._doc["status"] == WorkflowState.ROLLING_BACK.value:
+            # A rollback interrupted by a crash carries on over what it had chosen.
+            return await self._rollback(self._doc.get("rollback_subset"))
         await self._set_workflow(WorkflowState.RUNNING)
         state = await self._forward()
         await self._set_workflow(state)
@@ -223,6 +228,8 @@ class WorkflowActor:
             name=operation_actor(self.id, op_id),
             namespace=NAMESPACE,
             get_if_exists=True,
+            # Operations may run on any node; spreading uses every machine of a cluster.
+            scheduling_strategy="SPREAD",
         ).remote(self.id, op, catalog, self.settings)
 
     async def _retire(self, op_id: str) -> None:
@@ -232,17 +239,25 @@ class WorkflowActor:
 
     # -- rollback ------------------------------------------------------------------
 
-    async def _rollback(self, subset: list[str] | None) -> Doc:
-        if subset:
-            wanted: set[str] = set()
-            for op_id in subset:
-                wanted |= downstream(self.plan, op_id)
-            subset = sorted(wanted)
+    async def _rollback(self, operations: list[str] | None) -> Doc:
+        """Undo what this workflow did, last wave first; each step is checkpointed by
+        the item lifecycle, so a restarted rollback skips what is already undone."""
+        subset = rollback.rollback_subset(self.plan, operations)
         self._doc["rollback_subset"] = subset
         await self._set_workflow(WorkflowState.ROLLING_BACK)
+        docs = await self.checkpoint.load.remote(self.id)
         failed = False
         for wave in rollback_order(self.plan, subset):
-            todo = [op for op in wave if self._needs_undo(op)]
+            todo = []
+            for op_id in wave:
+                steps = rollback.op_steps(self.plan, docs, op_id)
+                released = [s for s in steps if s["action"] == "release"]
+                if released:
+                    await self._release(released, docs)
+                if len(steps) > len(released):
+                    todo.append(op_id)
+                elif steps or self._needs_undo(op_id):
+                    await self._write_op(op_id, {"status": OpState.ROLLED_BACK.value})
             for op_id in todo:
                 self._quota[op_id] = self.plan.workflow.parallel_limit // max(1, len(todo)) or 1
                 self._op_docs.setdefault(op_id, {})["status"] = "RollingBack"
@@ -257,8 +272,21 @@ class WorkflowActor:
         return self._final()
 
     def _needs_undo(self, op_id: str) -> bool:
-        status = self._op_docs.get(op_id, {}).get("status")
-        return status not in (None, OpState.PENDING.value, OpState.ROLLED_BACK.value)
+        """An operation with nothing left to undo still ends RolledBack if it ran."""
+        return self._op_docs.get(op_id, {}).get("status") in rollback.UNDOABLE_OPS
+
+    async def _release(
+        self, steps: list[rollback.UndoStep], docs: dict[tuple[str, str], Doc]
+    ) -> None:
+        """Taskservs whose server this rollback already deleted went with it."""
+        records = []
+        for step in steps:
+            key = item_key(step["op"], step["item"])
+            doc = {**docs[(ITEM, key)], "status": ItemState.ROLLED_BACK.value, "error": None}
+            doc["finished_at"] = now()
+            docs[(ITEM, key)] = doc
+            records.append({"workflow_id": self.id, "kind": ITEM, "key": key, "doc": doc})
+        await self.checkpoint.write.remote(records, [])
 
     # -- persistence ---------------------------------------------------------------
 

@@ -4,24 +4,25 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from api import cli_remote, cli_service
+from api.client import ApiUnreachableError
 from api.progress import WorkflowProgress
 from api.render import print_plan, status_table
+from api.terminal import EXIT_FAILED, EXIT_INPUT, EXIT_OK, EXIT_UNREACHABLE, err, out
 from runtime.errors import InputError, ProvisioningError
 from runtime.planner import Plan, build_plan
 from runtime.settings import Settings
 from schemas.catalog import catalog_dirs, load_catalog
 from schemas.loader import load_workflow
-
-EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 app = typer.Typer(
     help="Batch workflow orchestrator for cloud infrastructure, on Ray.",
@@ -30,9 +31,6 @@ app = typer.Typer(
 )
 batch = typer.Typer(help="Validate, plan, run and manage batch workflows.", no_args_is_help=True)
 app.add_typer(batch, name="batch")
-
-out = Console()
-err = Console(stderr=True)
 
 FileArg = Annotated[Path, typer.Argument(help="Workflow file (.ncl or .json).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
@@ -123,9 +121,16 @@ def run(
         )
         stand_ins = Sandbox(settings.data_dir, ports).start()
         # The sandbox's endpoints and credentials replace the user's cloud settings.
-        settings = replace(settings, provider_env=stand_ins.env())
+        settings = replace(
+            settings,
+            provider_env=stand_ins.env(),
+            poll_interval=0.25 if settings.poll_interval is None else settings.poll_interval,
+        )
     from actors import runner  # Ray is imported only by commands that need it
 
+    # Ray prints cluster events (a lost node, ...) to stdout: with --json, stdout must
+    # carry the document alone, so everything else goes to stderr until it is printed.
+    real_stdout = _stdout_to_stderr() if as_json else None
     runner.connect(address)
     try:
         orch = runner.start_orchestrator(settings, detached=False, resume=False)
@@ -149,6 +154,8 @@ def run(
         runner.shutdown()
         if stand_ins is not None:
             stand_ins.stop()
+        if real_stdout is not None:
+            _restore_stdout(real_stdout)
     if as_json:
         print(json.dumps(doc, indent=2))
     else:
@@ -158,15 +165,39 @@ def run(
     raise typer.Exit(EXIT_OK if doc["status"] == "Completed" else EXIT_FAILED)
 
 
+# The service (`up`, `down`) and the commands that talk to it over REST live in their
+# own modules; registered here so `python -m api.cli` and the console script agree.
+app.command()(cli_service.up)
+app.command()(cli_service.down)
+for _name, _command in cli_remote.COMMANDS:
+    batch.command(name=_name)(_command)
+
+
+def _stdout_to_stderr() -> int:
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    return saved
+
+
+def _restore_stdout(saved: int) -> None:
+    sys.stdout.flush()
+    os.dup2(saved, 1)
+    os.close(saved)
+
+
 def main() -> None:
     """Entry point: map errors to exit codes, never print a traceback for bad input."""
     try:
         app(standalone_mode=True)
+    except ApiUnreachableError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_UNREACHABLE)
     except InputError as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_INPUT)
     except ProvisioningError as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_FAILED)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime import lifecycle
+from runtime import lifecycle, rollback
 from runtime.errors import error_class_name
 from runtime.lifecycle import ItemHost
 from runtime.planner import ItemPlan, OperationPlan
@@ -98,6 +98,9 @@ class OperationRunner:
         self._budget_hit = False
         self._first_error: str | None = None
         self._failed = sum(1 for d in items.values() if d["status"] == ItemState.FAILED.value)
+        # Rollback fails on its own failures only: an item that failed forward and left
+        # nothing to undo stays Failed without failing the rollback.
+        self._undo_failed = 0
         self._by_name = {i.name: i for i in plan.items}
         self._configs = {c.name: c for c in plan.spec.server_configs}
 
@@ -147,16 +150,7 @@ class OperationRunner:
         doc = self.items[item.name]
         if self.mode == FORWARD:
             return doc["status"] not in _FINAL
-        if doc.get("adopted"):
-            return False
-        if doc["status"] == ItemState.COMPLETED.value:
-            return True
-        # A create whose reply was lost may have left a server behind: look for it.
-        return (
-            item.kind == "server"
-            and doc.get("intent") is not None
-            and doc["status"] != (ItemState.ROLLED_BACK.value)
-        )
+        return rollback.needs_undo(doc)  # the rule the rollback preview lists
 
     async def _run_unit(self, unit: list[str]) -> None:
         try:
@@ -198,6 +192,8 @@ class OperationRunner:
             if self.mode == FORWARD:
                 self._failed += 1
                 self._budget_hit = self.budget.exceeded(self._failed)
+            else:
+                self._undo_failed += 1
             return False
         return True
 
@@ -263,6 +259,7 @@ class OperationRunner:
         counts = self.counts()
         failed = counts.get(ItemState.FAILED.value, 0)
         if self.mode == ROLLBACK:
+            failed = self._undo_failed
             status = OpState.FAILED if failed else OpState.ROLLED_BACK
         elif self._cancelled:
             status = OpState.CANCELLED
@@ -272,7 +269,8 @@ class OperationRunner:
             status = OpState.COMPLETED
         error = None
         if status is OpState.FAILED:
-            error = f"{failed} of {len(self.plan.items)} items failed"
+            verb = "failed" if self.mode == FORWARD else "failed to roll back"
+            error = f"{failed} of {len(self.plan.items)} items {verb}"
             if self.mode == FORWARD:
                 error += f" ({self.budget.tolerated} tolerated)"
             if self._first_error:

@@ -20,6 +20,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
+from runtime.crashpoints import crash_point
 from runtime.errors import ScriptError, ThrottledError
 from runtime.policies import retry_delay, should_retry
 from runtime.providers.base import Provider, ServerRef
@@ -29,6 +30,7 @@ from runtime.transports.base import Transport
 from schemas.models import RetrySpec, ServerConfigSpec, TaskservSpec
 
 Doc = dict[str, Any]
+SETTLE_TIMEOUT = 120.0  # seconds a retry waits for a create left in flight
 
 
 class ItemHost(Protocol):
@@ -50,8 +52,11 @@ async def with_retries(
     retry: RetrySpec,
     timeout: float | None,
     attempt_fn: Callable[[int], Awaitable[None]],
+    settle: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Run ``attempt_fn(attempt)`` until it succeeds or the error is final."""
+    """Run ``attempt_fn(attempt)`` until it succeeds or the error is final; before a
+    retry, outside the attempt timeout, ``settle()`` waits for what the failed attempt
+    left in flight."""
     attempt = int(item.get("attempt") or 0)
     while True:
         attempt += 1
@@ -64,6 +69,8 @@ async def with_retries(
                 host.on_throttled(exc.retry_after)
             if not should_retry(exc, attempt, retry):
                 raise
+            if settle is not None:
+                await settle()
             await asyncio.sleep(retry_delay(exc, attempt, retry))
 
 
@@ -92,21 +99,40 @@ async def create_server_item(
 ) -> ServerRef:
     key = str(item["key"])
     ref_box: list[ServerRef] = []
+    # A create whose attempt timed out is not abandoned: the call may still reach the
+    # provider after a lookup found nothing, and UpCloud has no idempotency token. Before
+    # the next attempt its outcome is awaited (``settle``); a server it made is adopted.
+    inflight: asyncio.Future[ServerRef] | None = None
+    landed: list[ServerRef] = []
+
+    async def settle() -> None:
+        nonlocal inflight
+        if inflight is not None:
+            with contextlib.suppress(Exception):
+                # A hung call ends by the client's own HTTP timeout; this bounds the rest.
+                landed.append(await asyncio.wait_for(asyncio.shield(inflight), SETTLE_TIMEOUT))
+            inflight = None
 
     async def attempt(n: int) -> None:
-        ref: ServerRef | None = None
-        if item.get("intent") is not None:
+        nonlocal inflight
+        ref: ServerRef | None = landed.pop() if landed else None
+        if ref is None and item.get("intent") is not None:
             async with host.permit():
                 ref = await provider.find_server(key)
         if ref is None:
+            crash_point("before_intent", "create")
             _mark_intent(item, "create", n)
             await host.persist(item)
+            crash_point("after_intent", "create")
             async with host.permit():
-                ref = await provider.create_server(spec, key)
+                inflight = asyncio.ensure_future(provider.create_server(spec, key))
+                ref = await asyncio.shield(inflight)
+            inflight = None
+            crash_point("after_call", "create")
         ref = await provider.wait_ready(ref, timeout)
         ref_box.append(ref)
 
-    await with_retries(item, host, retry, timeout, attempt)
+    await with_retries(item, host, retry, timeout, attempt, settle)
     ref = ref_box[-1]
     _mark_done(item, ItemState.COMPLETED, ref.to_dict())
     await host.persist(item)
@@ -147,9 +173,12 @@ async def install_taskserv_item(
             if item.get("intent") is None:
                 item["adopted"] = True
             return
+        crash_point("before_intent", "apply")
         _mark_intent(item, "apply", n)
         await host.persist(item)
+        crash_point("after_intent", "apply")
         await _script(transport, server, "apply", taskserv.apply, env)
+        crash_point("after_call", "apply")
         await _script(transport, server, "verify", taskserv.verify, env)
 
     await with_retries(item, host, retry, timeout, attempt)
@@ -168,12 +197,15 @@ async def delete_server_item(
         if ref is None:
             async with host.permit():
                 ref = await provider.find_server(key)
+        crash_point("before_intent", "delete")
         item["intent"] = {"action": "delete", "attempt": n, "at": now()}
         item["attempt"] = n
         await host.persist(item)
+        crash_point("after_intent", "delete")
         if ref is not None:
             async with host.permit():
                 await provider.delete_server(ref)
+            crash_point("after_call", "delete")
 
     await with_retries(item, host, retry, timeout, attempt)
     _mark_done(item, ItemState.ROLLED_BACK)
@@ -192,10 +224,13 @@ async def uninstall_taskserv_item(
     env = taskserv_env(server, taskserv.name)
 
     async def attempt(n: int) -> None:
+        crash_point("before_intent", "uninstall")
         item["intent"] = {"action": "uninstall", "attempt": n, "at": now()}
         item["attempt"] = n
         await host.persist(item)
+        crash_point("after_intent", "uninstall")
         await _script(transport, server, "uninstall", taskserv.uninstall, env)
+        crash_point("after_call", "uninstall")
 
     await with_retries(item, host, retry, timeout, attempt)
     _mark_done(item, ItemState.ROLLED_BACK)

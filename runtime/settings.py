@@ -31,6 +31,12 @@ class Settings:
     # Seconds a local server takes to become ready: 0 is the instant provider; tests
     # and benchmarks raise it to keep items in flight.
     local_ready_delay: float = 0.0
+    # Seconds between status polls of a booting cloud server (None: each provider's own
+    # default). The sandbox's servers boot in a second, so it polls faster.
+    poll_interval: float | None = None
+    # Fault tests only: ``<point>:<n>`` kills the orchestrator at a durability boundary
+    # (see runtime/crashpoints.py). From PROVISIONING_CRASH_AT.
+    crash_at: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -53,6 +59,10 @@ class Settings:
             taskserv_path=taskserv_path,
             provider_env=provider_env,
             local_ready_delay=float(env.get("PROVISIONING_LOCAL_READY_DELAY", "0") or 0),
+            poll_interval=float(env["PROVISIONING_POLL_INTERVAL"])
+            if env.get("PROVISIONING_POLL_INTERVAL")
+            else None,
+            crash_at=env.get("PROVISIONING_CRASH_AT") or None,
         )
 
     def with_data_dir(self, data_dir: Path | None) -> Settings:

@@ -15,9 +15,11 @@ def build_provider(name: str, settings: Settings) -> Provider:
     if name == "upcloud":
         from runtime.providers.upcloud import UpCloudProvider
 
-        return UpCloudProvider.from_env(dict(settings.provider_env))
+        extra = {} if settings.poll_interval is None else {"poll_interval": settings.poll_interval}
+        return UpCloudProvider.from_env(dict(settings.provider_env), **extra)
     if name == "aws":
         from runtime.providers.aws import AwsProvider
 
-        return AwsProvider.from_env(environ=dict(settings.provider_env))
+        interval = 5.0 if settings.poll_interval is None else settings.poll_interval
+        return AwsProvider.from_env(environ=dict(settings.provider_env), poll_interval=interval)
     raise ValueError(f"unknown provider {name!r}")

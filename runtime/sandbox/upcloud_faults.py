@@ -81,6 +81,13 @@ class FaultStats:
     creates: int = 0
     deletes: int = 0
     max_mutating_in_1s: int = 0
+    # Every mutating call the rate limit saw, admitted or answered 429: the pace the
+    # client offered, which the emulator's own bucket cannot cap.
+    max_mutating_attempts_in_1s: int = 0
+    # Emulator clock (time.monotonic, comparable across processes on one machine) of the
+    # first and last create that succeeded.
+    first_create_at: float | None = None
+    last_create_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +98,9 @@ class FaultStats:
             "creates": self.creates,
             "deletes": self.deletes,
             "max_mutating_in_1s": self.max_mutating_in_1s,
+            "max_mutating_attempts_in_1s": self.max_mutating_attempts_in_1s,
+            "first_create_at": self.first_create_at,
+            "last_create_at": self.last_create_at,
         }
 
 
@@ -102,6 +112,7 @@ class FaultInjector:
         self.clock = clock
         self.stats = FaultStats()
         self._window: deque[float] = deque()
+        self._attempts: deque[float] = deque()
         self.configure(config)
 
     def configure(self, config: FaultConfig) -> None:
@@ -120,6 +131,7 @@ class FaultInjector:
     def reset(self) -> None:
         self.stats = FaultStats()
         self._window.clear()
+        self._attempts.clear()
         self.configure(self.initial)
 
     def count_call(self, route: str) -> None:
@@ -128,16 +140,25 @@ class FaultInjector:
     def admit_mutating(self) -> float | None:
         """None if the call may go on; otherwise seconds until the bucket has a token."""
         now = self.clock()
+        _slide(self._attempts, now)
+        self.stats.max_mutating_attempts_in_1s = max(
+            self.stats.max_mutating_attempts_in_1s, len(self._attempts)
+        )
         if self.bucket is not None:
             wait = self.bucket.take(now)
             if wait > 0:
                 self.stats.responses_429 += 1
                 return wait
-        self._window.append(now)
-        while self._window and self._window[0] <= now - 1.0:
-            self._window.popleft()
+        _slide(self._window, now)
         self.stats.max_mutating_in_1s = max(self.stats.max_mutating_in_1s, len(self._window))
         return None
+
+    def count_create(self) -> None:
+        now = self.clock()
+        self.stats.creates += 1
+        if self.stats.first_create_at is None:
+            self.stats.first_create_at = now
+        self.stats.last_create_at = now
 
     def draw_error(self) -> int | None:
         """A 5xx status to answer instead of running the call, or None."""
@@ -149,6 +170,14 @@ class FaultInjector:
 
     def draw_lost(self) -> bool:
         return self._lost_rng.random() < self.config.lost_response_rate
+
+
+def _slide(window: deque[float], now: float) -> None:
+    """Add ``now`` and drop what is 1 s or more older: ``len(window)`` is then the calls
+    in the last second."""
+    window.append(now)
+    while window and window[0] <= now - 1.0:
+        window.popleft()
 
 
 def route_key(method: str, path: str) -> str:
@@ -240,7 +269,7 @@ class FaultMiddleware:
         status = next((m["status"] for m in held if m["type"] == "http.response.start"), 500)
         if 200 <= status < 300:
             if kind == "create":
-                self.injector.stats.creates += 1
+                self.injector.count_create()
             else:
                 self.injector.stats.deletes += 1
             if self.injector.draw_lost():

@@ -328,12 +328,6 @@ def test_import_dirs_extend_the_allowed_names(tmp_path: Path, nickel_calls: list
     assert spec.name == "from-shared"
 
 
-@pytest.mark.xfail(
-    reason="schemas/models.py WorkflowSpec.operations min_length=1 is re-checked on the "
-    "tuple left after the bad operation is dropped, so loader reports a false "
-    "'Tuple should have at least 1 item after validation, not 0' for a non-empty list",
-    strict=True,
-)
 def test_invalid_operation_is_not_also_reported_as_no_operations() -> None:
     data = {
         "batch_workflow": {
@@ -346,3 +340,11 @@ def test_invalid_operation_is_not_also_reported_as_no_operations() -> None:
     msg = str(info.value)
     assert "operation 'servers'" in msg
     assert "at least 1 item" not in msg, msg
+
+
+def test_an_empty_operations_list_is_still_reported() -> None:
+    data = {"batch_workflow": {"name": "x", "operations": []}}
+    with pytest.raises(WorkflowLoadError) as info:
+        workflow_from_data(data, "in.json")
+    assert "batch_workflow.operations" in str(info.value)
+    assert "at least 1 item" in str(info.value)
