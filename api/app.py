@@ -193,6 +193,13 @@ def create_app(
         `operation`, that operation and what depends on it. 409 while it runs."""
         return await backend.rollback(workflow_id, body.operation if body else None)
 
+    @router.get("/{workflow_id}/rollback/preview")
+    async def rollback_preview(workflow_id: WorkflowId, operation: str | None = None) -> Doc:
+        """What a rollback would undo, without undoing it: each step's operation, item,
+        action (`delete_server` or `uninstall`) and server, in the order it would run."""
+        steps = await backend.rollback_preview(workflow_id, operation)
+        return {"id": workflow_id, "operation": operation, "steps": steps}
+
     @router.post("/{workflow_id}/cancel", status_code=202)
     async def cancel(workflow_id: WorkflowId) -> Doc:
         """Start nothing new; in-flight provider calls finish and are recorded."""

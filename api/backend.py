@@ -46,6 +46,10 @@ class WorkflowBackend(Protocol):
 
     async def rollback(self, workflow_id: str, operation: str | None) -> Doc: ...
 
+    async def rollback_preview(self, workflow_id: str, operation: str | None) -> list[Doc]:
+        """What a rollback would undo, in order: ``{op, item, action, server}`` each."""
+        ...
+
     async def events(self, workflow_id: str, after_seq: int, limit: int, wait: float) -> list[Doc]:
         """Events ``[{seq, type, data}]`` after ``after_seq``; waits up to ``wait`` s."""
         ...

@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from api.client import ApiClient
+from api.client import PREFIX, ApiClient
 from api.progress import WorkflowProgress
 from api.render import status_table
 from api.terminal import EXIT_FAILED, EXIT_OK, err, out
@@ -146,9 +146,24 @@ def rollback(
     ] = None,
     wait: WaitOpt = False,
     as_json: JsonOpt = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List exactly what would be undone; change nothing.")
+    ] = False,
 ) -> None:
     """Undo what the workflow created (servers it made, taskservs it installed)."""
     with client() as api:
+        if dry_run:
+            params = {"operation": operation} if operation else None
+            preview = api.request("GET", f"{PREFIX}/{wid}/rollback/preview", params=params)
+            if as_json:
+                print(json.dumps(preview, indent=2))
+                return
+            table = Table("operation", "item", "action", "server", title=f"rollback of {wid}")
+            for step in preview["steps"]:
+                table.add_row(step["op"], step["item"], step["action"], step["server"] or "")
+            out.print(table)
+            out.print(f"{len(preview['steps'])} step(s); nothing was changed")
+            return
         doc = api.action(wid, "rollback", {"operation": operation})
         if not wait:
             out.print(f"{wid}: rollback requested ({doc['status']})", highlight=False)

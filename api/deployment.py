@@ -81,6 +81,9 @@ class RayBackend:
     async def rollback(self, workflow_id: str, operation: str | None) -> Doc:
         return await self._call(lambda o, c: o.rollback, workflow_id, operation)  # type: ignore[no-any-return]
 
+    async def rollback_preview(self, workflow_id: str, operation: str | None) -> list[Doc]:
+        return await self._call(lambda o, c: o.rollback_preview, workflow_id, operation)  # type: ignore[no-any-return]
+
     async def events(self, workflow_id: str, after_seq: int, limit: int, wait: float) -> list[Doc]:
         return await self._call(  # type: ignore[no-any-return]
             lambda o, c: c.events, workflow_id, after_seq, limit, wait

@@ -112,6 +112,19 @@ def test_rollback_removes_every_server_of_the_workflow(
     ours = {idempotency_key(wid, "upcloud_servers", n) for n in SEED_SERVERS}
     assert ours <= set(server_keys(service))
 
+    # The preview lists exactly what the rollback then undoes, and changes nothing.
+    preview = service.cli("batch", "rollback", wid, "--dry-run", "--json")
+    assert preview.returncode == 0, preview.stdout + preview.stderr
+    steps = json.loads(preview.stdout)["steps"]
+    assert sorted(s["item"] for s in steps if s["action"] == "delete_server") == sorted(
+        SEED_SERVERS
+    )
+    assert len([s for s in steps if s["action"] == "uninstall"]) == 3 * len(SEED_SERVERS)
+    first_delete = min(i for i, s in enumerate(steps) if s["action"] == "delete_server")
+    assert all(s["action"] == "uninstall" for s in steps[:first_delete])  # taskservs first
+    assert service.wait(wid)["status"] == "Completed"
+    assert ours <= set(server_keys(service))
+
     result = service.cli("batch", "rollback", wid, "--wait")
     assert result.returncode == 0, result.stdout + result.stderr
     doc = service.wait(wid)

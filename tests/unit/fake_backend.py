@@ -75,10 +75,23 @@ class FakeBackend:
         return self._short(workflow_id) if await self.get(workflow_id) else {}
 
     async def rollback(self, workflow_id: str, operation: str | None) -> Doc:
+        self.calls.append("rollback")
         doc = await self.get(workflow_id)
         if doc["status"] not in TERMINAL:
             raise ConflictError(f"workflow {workflow_id} is {doc['status']}; cancel it first")
         return self._short(workflow_id)
+
+    async def rollback_preview(self, workflow_id: str, operation: str | None) -> list[Doc]:
+        self.calls.append("rollback_preview")
+        await self.get(workflow_id)
+        return [
+            {
+                "op": operation or "servers",
+                "item": "s-1",
+                "action": "delete_server",
+                "server": "s-1",
+            }
+        ]
 
     async def events(self, workflow_id: str, after_seq: int, limit: int, wait: float) -> list[Doc]:
         found = [

@@ -276,3 +276,19 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
     ):
         assert P + path in paths
     assert "/v1/health" in paths
+
+
+def test_rollback_preview_lists_steps_and_changes_nothing(
+    client: TestClient, backend: FakeBackend
+) -> None:
+    wid = client.post(f"{P}/submit", json={"workflow": LOCAL}, headers=AUTH).json()["id"]
+    before = client.get(f"{P}/{wid}", headers=AUTH).json()["status"]
+    resp = client.get(f"{P}/{wid}/rollback/preview?operation=servers", headers=AUTH)
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["id"] == wid and body["operation"] == "servers"
+    assert body["steps"][0]["action"] == "delete_server"
+    assert client.get(f"{P}/{wid}", headers=AUTH).json()["status"] == before
+    assert "rollback_preview" in backend.calls and "rollback" not in backend.calls
+    is_problem(client.get(f"{P}/{wid}/rollback/preview"), 401)
+    is_problem(client.get(f"{P}/wf-0123456789abcdef/rollback/preview", headers=AUTH), 404)
