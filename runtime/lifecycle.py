@@ -81,6 +81,21 @@ def _mark_intent(item: Doc, action: str, attempt: int) -> None:
     item["started_at"] = item.get("started_at") or now()
 
 
+async def _store_intent(
+    item: Doc, action: str, attempt: int, host: ItemHost, *, running: bool = True
+) -> None:
+    """Step 1 of the protocol: the intent is durable before the side effect starts.
+    Rollback steps keep the item's status; forward steps mark it Running."""
+    crash_point("before_intent", action)
+    if running:
+        _mark_intent(item, action, attempt)
+    else:
+        item["intent"] = {"action": action, "attempt": attempt, "at": now()}
+        item["attempt"] = attempt
+    await host.persist(item)
+    crash_point("after_intent", action)
+
+
 def _mark_done(item: Doc, status: ItemState, result: Any = None) -> None:
     item["status"] = status.value
     if result is not None:
@@ -120,10 +135,7 @@ async def create_server_item(
             async with host.permit():
                 ref = await provider.find_server(key)
         if ref is None:
-            crash_point("before_intent", "create")
-            _mark_intent(item, "create", n)
-            await host.persist(item)
-            crash_point("after_intent", "create")
+            await _store_intent(item, "create", n, host)
             async with host.permit():
                 inflight = asyncio.ensure_future(provider.create_server(spec, key))
                 ref = await asyncio.shield(inflight)
@@ -173,10 +185,7 @@ async def install_taskserv_item(
             if item.get("intent") is None:
                 item["adopted"] = True
             return
-        crash_point("before_intent", "apply")
-        _mark_intent(item, "apply", n)
-        await host.persist(item)
-        crash_point("after_intent", "apply")
+        await _store_intent(item, "apply", n, host)
         await _script(transport, server, "apply", taskserv.apply, env)
         crash_point("after_call", "apply")
         await _script(transport, server, "verify", taskserv.verify, env)
@@ -197,11 +206,7 @@ async def delete_server_item(
         if ref is None:
             async with host.permit():
                 ref = await provider.find_server(key)
-        crash_point("before_intent", "delete")
-        item["intent"] = {"action": "delete", "attempt": n, "at": now()}
-        item["attempt"] = n
-        await host.persist(item)
-        crash_point("after_intent", "delete")
+        await _store_intent(item, "delete", n, host, running=False)
         if ref is not None:
             async with host.permit():
                 await provider.delete_server(ref)
@@ -224,11 +229,7 @@ async def uninstall_taskserv_item(
     env = taskserv_env(server, taskserv.name)
 
     async def attempt(n: int) -> None:
-        crash_point("before_intent", "uninstall")
-        item["intent"] = {"action": "uninstall", "attempt": n, "at": now()}
-        item["attempt"] = n
-        await host.persist(item)
-        crash_point("after_intent", "uninstall")
+        await _store_intent(item, "uninstall", n, host, running=False)
         await _script(transport, server, "uninstall", taskserv.uninstall, env)
         crash_point("after_call", "uninstall")
 
