@@ -96,9 +96,12 @@ class WorkflowActor:
             return await self._rollback(self._doc.get("rollback_subset"))
         await self._set_workflow(WorkflowState.RUNNING)
         state = await self._forward()
-        await self._set_workflow(state)
         if state is WorkflowState.FAILED and self.plan.workflow.rollback_on_failure:
+            # Straight from Running: a stored (or polled) Failed would be taken for the
+            # end, and a crash right after it would leave the rollback undone.
+            self._doc["error"] = self._failures()
             return await self._rollback(None)
+        await self._set_workflow(state)
         return self._final()
 
     async def _forward(self) -> WorkflowState:
@@ -294,17 +297,20 @@ class WorkflowActor:
         self._doc["status"] = state.value
         self._doc["updated_at"] = now()
         if state in (WorkflowState.FAILED,):
-            failed = [
-                f"{op}: {d.get('error')}"
-                for op, d in self._op_docs.items()
-                if d.get("status") == OpState.FAILED.value
-            ]
-            self._doc["error"] = "; ".join(failed)[:4000] or error
+            self._doc["error"] = self._failures() or error
         if state not in (WorkflowState.RUNNING, WorkflowState.ROLLING_BACK):
             self._doc["finished_at"] = now()
         record = {"workflow_id": self.id, "kind": WORKFLOW, "key": "", "doc": self._doc}
         event = {"workflow_id": self.id, "type": "workflow", "data": {"status": state.value}}
         await self.checkpoint.write.remote([record], [event])
+
+    def _failures(self) -> str:
+        failed = [
+            f"{op}: {d.get('error')}"
+            for op, d in self._op_docs.items()
+            if d.get("status") == OpState.FAILED.value
+        ]
+        return "; ".join(failed)[:4000]
 
     async def _write_op(self, op_id: str, fields: Doc) -> None:
         doc = self._op_docs.setdefault(op_id, {"id": op_id})

@@ -65,7 +65,9 @@ class ItemState(StrEnum):
 _W = WorkflowState
 WORKFLOW_TRANSITIONS: dict[WorkflowState, frozenset[WorkflowState]] = {
     _W.PENDING: frozenset({_W.RUNNING, _W.CANCELLED}),
-    _W.RUNNING: frozenset({_W.COMPLETED, _W.FAILED, _W.CANCELLED}),
+    # Running -> RollingBack: a failure under rollback_on_failure. The workflow never
+    # shows Failed on the way, so no client takes the failure for the end.
+    _W.RUNNING: frozenset({_W.COMPLETED, _W.FAILED, _W.CANCELLED, _W.ROLLING_BACK}),
     _W.COMPLETED: frozenset({_W.ROLLING_BACK}),
     # Failed and Cancelled may be resumed (redrive) or rolled back.
     _W.FAILED: frozenset({_W.ROLLING_BACK, _W.RUNNING}),

@@ -100,6 +100,16 @@ class Orchestrator:
         docs: dict[tuple[str, str], dict[str, Any]] = ray.get(cp.load.remote(wid))
         return docs
 
+    def workflow_states(self, wid: str) -> list[str]:
+        """The workflow's states in the order its events recorded them."""
+        import ray
+
+        from actors.names import CHECKPOINT, NAMESPACE
+
+        cp = ray.get_actor(CHECKPOINT, namespace=NAMESPACE)
+        events: list[dict[str, Any]] = ray.get(cp.events.remote(wid))
+        return [e["data"]["status"] for e in events if e["type"] == "workflow"]
+
 
 @pytest.fixture
 def orchestrator(ray_session: None, tmp_path: Path) -> Iterator[Orchestrator]:

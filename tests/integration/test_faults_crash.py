@@ -115,8 +115,9 @@ def run_until_crash(args: list[str], env: dict[str, str], log: Path, tries: int 
     before any workflow exists: that attempt is run again."""
     for _ in range(tries):
         with open(log, "w") as err:
+            # stdout too: a run that ends without its crash prints why (its document).
             proc = subprocess.Popen(
-                args, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+                args, env=env, stdout=err, stderr=subprocess.STDOUT, start_new_session=True
             )
         try:
             code = proc.wait(timeout=240)

@@ -190,6 +190,15 @@ def test_rollback_on_failure_starts_by_itself(orchestrator: Orchestrator, tmp_pa
     )
     doc = orchestrator.run(spec)
     assert doc["status"] == "RolledBack", doc
+    assert "rf-2" in doc["error"]  # why it rolled back stays on the workflow
+    # Never Failed on the way: a client polling for the end would stop there, and a
+    # crash right after it would leave the rollback undone.
+    assert orchestrator.workflow_states(doc["id"]) == [
+        "Pending",
+        "Running",
+        "RollingBack",
+        "RolledBack",
+    ]
     stored = item_docs(orchestrator, doc["id"])
     # rf-2/bad ran its apply (and failed): it is uninstalled like the completed ones.
     assert {k: d["status"] for k, d in stored.items()} == {

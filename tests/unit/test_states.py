@@ -34,6 +34,7 @@ WORKFLOW_ALLOWED = {
     ("Running", "Completed"),
     ("Running", "Failed"),
     ("Running", "Cancelled"),
+    ("Running", "RollingBack"),
     ("Completed", "RollingBack"),
     ("Failed", "RollingBack"),
     ("Cancelled", "RollingBack"),
