@@ -42,6 +42,14 @@ def plan_for(spec: Doc, settings: Settings) -> tuple[Plan, dict[str, TaskservSpe
     return build_plan(workflow_from_data(spec), catalog), dict(catalog)
 
 
+class _NoPermit(contextlib.AbstractAsyncContextManager[None]):
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_PERMIT = _NoPermit()
+
+
 class Permits:
     """Provider-pool permits for one provider, fetched in batches."""
 
@@ -54,11 +62,12 @@ class Permits:
         self._succeeded = 0  # of the calls in _to_release, those that did not raise
         self._releaser: asyncio.Task[None] | None = None
 
+    def permit(self) -> contextlib.AbstractAsyncContextManager[None]:
+        # Unlimited (the local provider): no generator and no bookkeeping per call.
+        return _NO_PERMIT if self.unlimited else self._permit()
+
     @contextlib.asynccontextmanager
-    async def permit(self) -> AsyncIterator[None]:
-        if self.unlimited:
-            yield
-            return
+    async def _permit(self) -> AsyncIterator[None]:
         self._waiting += 1
         try:
             while self._tokens == 0:

@@ -11,6 +11,12 @@ An item that has an intent but no result (a crash, a lost response, a failed
 attempt) is reconciled first: the resource is looked up by its key and adopted if it
 exists; only if it does not is it created again. Providers such as moto ignore EC2's
 ``ClientToken`` and UpCloud has none, so this is what keeps one server per key.
+
+Coalesced creates (``runtime.coalesce``, providers with ``max_batch > 1``): the intent
+also names the batch and the item's index in it, stored before the shared call like
+any intent; an item whose intent names a batch is reconciled by
+``provider.find_batch_member(batch, index)`` instead of by key, and a later intent of
+the item (a delete) carries that identity along until the server is found or gone.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
+from runtime.coalesce import BatchAbandoned, CreateCoalescer
 from runtime.crashpoints import crash_point
 from runtime.errors import ScriptError, ThrottledError
 from runtime.policies import retry_delay, should_retry
@@ -61,8 +68,11 @@ async def with_retries(
     while True:
         attempt += 1
         try:
-            async with asyncio.timeout(timeout):
+            if timeout is None:
                 await attempt_fn(attempt)
+            else:
+                async with asyncio.timeout(timeout):
+                    await attempt_fn(attempt)
             return
         except Exception as exc:
             if isinstance(exc, ThrottledError):
@@ -82,18 +92,46 @@ def _mark_intent(item: Doc, action: str, attempt: int) -> None:
 
 
 async def _store_intent(
-    item: Doc, action: str, attempt: int, host: ItemHost, *, running: bool = True
+    item: Doc,
+    action: str,
+    attempt: int,
+    host: ItemHost,
+    *,
+    running: bool = True,
+    where: Doc | None = None,
 ) -> None:
     """Step 1 of the protocol: the intent is durable before the side effect starts.
-    Rollback steps keep the item's status; forward steps mark it Running."""
+    Rollback steps keep the item's status; forward steps mark it Running. ``where``
+    (a coalesced create's batch and index) goes into the intent."""
     crash_point("before_intent", action)
     if running:
         _mark_intent(item, action, attempt)
     else:
         item["intent"] = {"action": action, "attempt": attempt, "at": now()}
         item["attempt"] = attempt
+    if where:
+        item["intent"].update(where)
     await host.persist(item)
     crash_point("after_intent", action)
+
+
+def _batch_identity(item: Doc) -> Doc | None:
+    """The batch and index the item's last intent names (a coalesced create), if any."""
+    intent = item.get("intent") or {}
+    if intent.get("batch") is None:
+        return None
+    return {"batch": str(intent["batch"]), "index": int(intent["index"])}
+
+
+async def _find_own(
+    item: Doc, provider: Provider, spec: ServerConfigSpec | None = None
+) -> ServerRef | None:
+    """Reconcile: the server the item's intent may have made, by batch or by key."""
+    key = str(item["key"])
+    where = _batch_identity(item)
+    if where is None:
+        return await provider.find_server(key)
+    return await provider.find_batch_member(where["batch"], where["index"], key, spec)
 
 
 def _mark_done(item: Doc, status: ItemState, result: Any = None) -> None:
@@ -111,7 +149,10 @@ async def create_server_item(
     host: ItemHost,
     retry: RetrySpec,
     timeout: float | None,
+    coalescer: CreateCoalescer | None = None,
 ) -> ServerRef:
+    """With a ``coalescer``, the create joins a batch of identical configs (one call
+    for all); alone in its window it makes its own call, as without one."""
     key = str(item["key"])
     ref_box: list[ServerRef] = []
     # A create whose attempt timed out is not abandoned: the call may still reach the
@@ -128,17 +169,50 @@ async def create_server_item(
                 landed.append(await asyncio.wait_for(asyncio.shield(inflight), SETTLE_TIMEOUT))
             inflight = None
 
+    async def coalesced(n: int, coalescer: CreateCoalescer) -> ServerRef | None:
+        """Through a shared call; None when alone in the window (the caller creates)."""
+        nonlocal inflight
+        while True:
+            try:
+                seat = await coalescer.join(spec, key)
+            except BatchAbandoned:
+                continue  # sealed and abandoned before this member stored anything
+            if seat is None:
+                return None
+            try:
+                await _store_intent(item, "create", n, host, where=seat.intent)
+            except BaseException:
+                seat.withdraw()
+                raise
+            member = seat.ready()
+            if timeout is not None:
+                inflight = member  # shared: a timed-out member adopts it in settle()
+            try:
+                return await asyncio.shield(member)
+            except BatchAbandoned:
+                inflight = None  # never launched: nothing can exist for that intent
+                continue
+
     async def attempt(n: int) -> None:
         nonlocal inflight
         ref: ServerRef | None = landed.pop() if landed else None
         if ref is None and item.get("intent") is not None:
             async with host.permit():
-                ref = await provider.find_server(key)
+                # By key, or by batch and index if the last intent was a coalesced create.
+                ref = await _find_own(item, provider, spec)
+        if ref is None and coalescer is not None:
+            ref = await coalesced(n, coalescer)
+            if ref is not None:
+                inflight = None
+                crash_point("after_call", "create")
         if ref is None:
             await _store_intent(item, "create", n, host)
             async with host.permit():
-                inflight = asyncio.ensure_future(provider.create_server(spec, key))
-                ref = await asyncio.shield(inflight)
+                if timeout is None:
+                    ref = await provider.create_server(spec, key)  # nothing cuts it short
+                else:
+                    inflight = asyncio.ensure_future(provider.create_server(spec, key))
+                    ref = await asyncio.shield(inflight)
             inflight = None
             crash_point("after_call", "create")
         ref = await provider.wait_ready(ref, timeout)
@@ -196,17 +270,23 @@ async def install_taskserv_item(
 
 
 async def delete_server_item(
-    item: Doc, provider: Provider, host: ItemHost, retry: RetrySpec, timeout: float | None
+    item: Doc,
+    provider: Provider,
+    host: ItemHost,
+    retry: RetrySpec,
+    timeout: float | None,
+    spec: ServerConfigSpec | None = None,
 ) -> None:
-    """Undo a server this workflow created. Adopted servers are never deleted."""
-    key = str(item["key"])
+    """Undo a server this workflow created. Adopted servers are never deleted. A
+    coalesced member without a result is looked up by batch and index (``spec``, when
+    given, narrows the search to its zone)."""
 
     async def attempt(n: int) -> None:
         ref = ServerRef.from_dict(item["result"]) if item.get("result") else None
         if ref is None:
             async with host.permit():
-                ref = await provider.find_server(key)
-        await _store_intent(item, "delete", n, host, running=False)
+                ref = await _find_own(item, provider, spec)
+        await _store_intent(item, "delete", n, host, running=False, where=_batch_identity(item))
         if ref is not None:
             async with host.permit():
                 await provider.delete_server(ref)

@@ -8,17 +8,17 @@ set to the server's directory (``ServerRef.extra["root"]``).
 
 Directory entries are the expensive part on a busy disk (a symlink per key cost a
 millisecond under load), so a creation is one ``mkdir``, one small file and one
-appended line.
+appended line, in plain system calls.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import time
 from pathlib import Path
-from typing import TextIO
 
 from runtime.errors import PermanentError
 from runtime.providers.base import Provider, ServerRef
@@ -35,8 +35,9 @@ class LocalProvider(Provider):
         self.root = root
         self.ready_delay = ready_delay
         root.mkdir(parents=True, exist_ok=True)
+        self._root = str(root)
         self._log_path = root / CREATIONS_LOG
-        self._log: TextIO | None = None
+        self._log_fd: int | None = None
         self._index: dict[str, str] = {}
         self._index_read = 0  # bytes of the log already in the index
 
@@ -49,27 +50,27 @@ class LocalProvider(Provider):
             state=state,
             zone="local",
             public_ip="127.0.0.1",
-            extra={"root": str(self.root / name)},
+            extra={"root": f"{self._root}/{name}"},
         )
 
     async def create_server(self, spec: ServerConfigSpec, key: str) -> ServerRef:
-        # Synchronous on purpose: a few hundred microseconds of directory work costs
-        # less than a hop to a thread (tried: no faster, and it splits group commits).
-        found = await self.find_server(key)
-        if found is not None:
-            return found
-        server_dir = self.root / spec.name
-        state_path = server_dir / STATE_FILE
+        # Synchronous on purpose: a few system calls cost less than a hop to a thread
+        # (tried: no faster, and it splits group commits). The ``mkdir`` is the existence
+        # check: no lookup in the log before it, so a new server costs five calls.
+        server_dir = f"{self._root}/{spec.name}"
         try:
-            server_dir.mkdir()
+            os.mkdir(server_dir)
         except FileExistsError:
-            # A directory without a state file is one a crash left half made: take it.
-            owner = json.loads(state_path.read_text()).get("key") if state_path.exists() else key
-            if owner != key:
+            owner = self._owner(server_dir)
+            if owner is not None and owner != key:
                 raise PermanentError(
                     f"local server {spec.name!r} already exists at {server_dir} with another "
                     f"key ({owner}); remove it or rename the server"
                 ) from None
+            if owner == key and self._logged(key):
+                return self._ref(spec.name, key)  # made before, by an earlier attempt
+            # A directory without a state file or a log line is one a crash left half
+            # made: finish it.
         state = {
             "name": spec.name,
             "key": key,
@@ -80,17 +81,30 @@ class LocalProvider(Provider):
         }
         # Not fsynced: the store is the durable record. The log line comes last, so a
         # crash before it leaves a directory that the retried create takes over.
-        state_path.write_text(json.dumps(state))
-        log = self._creations()
-        log.write(f"{key} {spec.name}\n")
-        log.flush()
+        fd = os.open(f"{server_dir}/{STATE_FILE}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, json.dumps(state).encode())
+        finally:
+            os.close(fd)
+        if self._log_fd is None:
+            self._log_fd = os.open(self._log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.write(self._log_fd, f"{key} {spec.name}\n".encode())  # one append, one line
         self._index[key] = spec.name
         return self._ref(spec.name, key)
 
-    def _creations(self) -> TextIO:
-        if self._log is None:
-            self._log = open(self._log_path, "a")  # noqa: SIM115 - kept open on purpose
-        return self._log
+    @staticmethod
+    def _owner(server_dir: str) -> str | None:
+        try:
+            with open(f"{server_dir}/{STATE_FILE}", "rb") as fh:
+                key = json.loads(fh.read()).get("key")
+        except (FileNotFoundError, ValueError):
+            return None  # no state file yet, or one a crash cut short
+        return str(key) if key else None
+
+    def _logged(self, key: str) -> bool:
+        if key not in self._index:
+            self._refresh_index()
+        return key in self._index
 
     def _refresh_index(self) -> None:
         """Read lines other processes (an earlier actor, another run) appended."""
@@ -126,9 +140,9 @@ class LocalProvider(Provider):
             shutil.rmtree(server_dir)
 
     async def close(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
 
     def keys(self) -> list[str]:
         """Every key with a live server; the tests count resources through this."""
