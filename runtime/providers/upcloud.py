@@ -16,6 +16,8 @@ Why it is built this way:
   polls absorb transient errors until their deadline: a lost poll costs nothing.
 - The client blocks; calls run on this provider's own thread pool so a burst of
   creates is not capped by the event loop's small default executor.
+- Servers booting at once are polled together: one list call per tick for all of
+  them (``StateBoard``), not one GET per server per tick.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from upcloud_api.errors import UpCloudAPIError, UpCloudClientError
 
 from runtime.errors import AuthError, PermanentError, ProviderError, ThrottledError, TransientError
 from runtime.providers.base import Provider, ServerRef
+from runtime.providers.state_board import StateBoard
 from schemas.models import ServerConfigSpec
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_API_ROOT = "https://api.upcloud.com/1.3"
+UNLISTED_POLLS = 3  # polls a waited-on server may be missing from the list before it is gone
 KEY_LABEL = "provisioning-key"
 # UpCloud label values are at most 255 characters; keys outside this safe set are hashed.
 _LABEL_VALUE_OK = re.compile(r"^[A-Za-z0-9._:@/+-]{1,255}$")
@@ -275,6 +279,7 @@ class UpCloudProvider(Provider):
         self.delete_timeout = delete_timeout
         self.storage_size = storage_size
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="upcloud")
+        self._board = StateBoard(self._list_states, self._poll_delays)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **kwargs: Any) -> UpCloudProvider:
@@ -356,29 +361,57 @@ class UpCloudProvider(Provider):
             delay = min(delay * 2, self.poll_interval)
 
     async def wait_ready(self, ref: ServerRef, timeout: float | None = None) -> ServerRef:
+        """Wait for ``started`` through the state board: one list call per poll for all
+        the servers this provider waits on, then one GET for the started server's
+        addresses."""
         deadline = time.monotonic() + (self.ready_timeout if timeout is None else timeout)
-        state = ref.state
-        for delay in self._poll_delays():
-            try:
-                server = await self._get(ref.id)
-            except PermanentError as exc:
-                if exc.status == 404:
-                    # Gone (or not yet visible): let the retry loop find or create again.
-                    raise TransientError(f"server {ref.id} not found while waiting") from None
-                raise
-            except (TransientError, ThrottledError) as exc:
-                delay = max(delay, exc.retry_after or 0.0)
-            else:
-                state = server.get("state", "")
+        state, unlisted = ref.state, 0
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TransientError(f"server {ref.id} not started in time (state {state!r})")
+                try:
+                    seen = await self._board.next_state(ref.id, remaining)
+                except TimeoutError:
+                    continue  # the deadline check above words the error
+                if seen is None:
+                    unlisted += 1
+                    if unlisted >= UNLISTED_POLLS:
+                        # Gone: let the retry loop find or create again.
+                        raise TransientError(f"server {ref.id} not found while waiting")
+                    continue
+                state, unlisted = seen, 0
                 if state == "started":
-                    return self._ref(server, ref.key)
+                    return self._ref(await self._details(ref.id, deadline), ref.key)
                 if state == "stopped":
                     await self._start(ref.id)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TransientError(f"server {ref.id} not started in time (state {state!r})")
-            await asyncio.sleep(min(delay, remaining))
+        finally:
+            self._board.done_with(ref.id)
+
+    async def _details(self, uuid: str, deadline: float) -> dict[str, Any]:
+        """The full server (addresses), riding out transient errors like the polls do."""
+        for delay in self._poll_delays():
+            try:
+                return await self._get(uuid)
+            except PermanentError as exc:
+                if exc.status == 404:
+                    raise TransientError(f"server {uuid} not found while waiting") from None
+                raise
+            except (TransientError, ThrottledError) as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                await asyncio.sleep(min(max(delay, exc.retry_after or 0.0), remaining))
         raise AssertionError("unreachable: the poll delays never end")
+
+    async def _list_states(self) -> dict[str, str]:
+        """uuid -> state of every server that carries a key label (ours)."""
+        res = await self._call(self._api.get_request, "/server", {"label": KEY_LABEL})
+        return {
+            str(s["uuid"]): str(s.get("state", ""))
+            for s in res.get("servers", {}).get("server", [])
+        }
 
     async def _start(self, uuid: str) -> None:
         try:

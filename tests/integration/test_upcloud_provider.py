@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -205,6 +206,32 @@ async def test_polls_ride_out_5xx(provider: UpCloudProvider, admin: httpx.Client
     admin.put("/faults", json={"error_rate": 0.5, "seed": 1}).raise_for_status()
     ready = await provider.wait_ready(ref, timeout=10)
     assert ready.state == "started"
+
+
+async def test_servers_booting_together_share_one_status_poll(
+    provider: UpCloudProvider, admin: httpx.Client
+) -> None:
+    admin.put("/faults", json={"ready_delay": 0.6}).raise_for_status()
+    refs = [
+        await provider.create_server(SPEC.model_copy(update={"name": f"w-{i}"}), f"prov-b{i}")
+        for i in range(12)
+    ]
+    paths: list[str] = []
+    real_get = provider._api.get_request
+
+    def counting_get(path: str, *args: Any, **kwargs: Any) -> Any:
+        paths.append(path)
+        return real_get(path, *args, **kwargs)
+
+    provider._api.get_request = counting_get  # type: ignore[method-assign]
+    ready = await asyncio.gather(*(provider.wait_ready(r, timeout=20) for r in refs))
+    assert {r.state for r in ready} == {"started"} and all(r.public_ip for r in ready)
+    lists = paths.count("/server")
+    gets = [p for p in paths if p != "/server"]
+    # One GET per server for its addresses once started; the waiting itself is shared:
+    # a dozen 0.6 s boots polled every 0.05 s one by one would take 12 x ~10 GETs.
+    assert sorted(gets) == sorted(f"/server/{r.id}" for r in refs)
+    assert 1 <= lists <= 25, paths
 
 
 async def test_connection_refused_is_transient() -> None:
