@@ -25,7 +25,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from api.backend import NotFoundError, WorkflowBackend
-from api.intake import ApiLimits, Intake, SubmitRequest, SubmitResponse, read_body
+from api.intake import (
+    ApiLimits,
+    Intake,
+    SubmitRequest,
+    SubmitResponse,
+    check_json_content_type,
+    read_body,
+)
 from api.problems import PROBLEM_RESPONSES, ApiProblem, install_problem_handlers
 from api.stream import progress_events
 from runtime.states import WorkflowState
@@ -132,6 +139,7 @@ def create_app(
     ) -> Doc:
         """Submit a workflow: `{"source": "<nickel>", "filename": "x.ncl"}` or
         `{"workflow": {...}}`. The same `Idempotency-Key` returns the same workflow."""
+        check_json_content_type(request)
         req = intake.parse(await read_body(request, limits.max_body_bytes))
         plan = await intake.plan(req)
         return await backend.submit(plan.workflow.model_dump(mode="json"), idempotency_key)

@@ -4,7 +4,8 @@ Nickel is a full language: a submitted file can loop forever or build a huge val
 and ``nickel.run`` cannot be interrupted from Python. So the server never evaluates
 it in its own process: a small pool of spawned workers does, each with an address
 space limit, and a worker that overruns the timeout is killed (with the pool, which
-is replaced; evaluations that were sharing it are retried once on the new one).
+is replaced; evaluations that were sharing it are retried once, each in a worker of
+its own, so that one bad submission cannot fail the others).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def _evaluate(source: str, filename: str, import_dirs: list[str]) -> tuple[bool,
         return False, str(exc)
     except MemoryError:
         return False, f"{filename}: evaluation ran out of memory"
+    except RecursionError:  # Nickel's JSON output is nested deeper than Python can read
+        return False, f"{filename}: the workflow is nested too deeply"
     return True, spec.model_dump(mode="json")
 
 
@@ -72,70 +75,98 @@ class NickelEvaluator:
         self._warm: list[Future[None]] = []
         self._tmp: dict[int, str] = {}  # id(pool) -> its scratch dir
         self._atexit = False
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._alone = asyncio.Semaphore(workers)  # bounds the retries in a worker of their own
+
+    def _spawn(self, workers: int) -> tuple[ProcessPoolExecutor, list[Future[None]]]:
+        tmp = tempfile.mkdtemp(prefix="prov-eval-")
+        pool = ProcessPoolExecutor(
+            max_workers=workers,
+            # spawn, not fork: the server process has threads (Ray, the event loop).
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(self.memory_limit, tmp),
+        )
+        with self._lock:
+            self._tmp[id(pool)] = tmp
+            if not self._atexit:  # a replica stopped by SIGTERM still cleans up
+                atexit.register(self.close)
+                self._atexit = True
+        # Start every worker now: a worker's start (a new interpreter, ~1 s on a busy
+        # machine) must not count against an evaluation's timeout.
+        return pool, [pool.submit(_warm_up) for _ in range(workers)]
 
     def _current(self) -> tuple[ProcessPoolExecutor, list[Future[None]]]:
         with self._lock:
             if self._pool is None:
-                tmp = tempfile.mkdtemp(prefix="prov-eval-")
-                self._pool = ProcessPoolExecutor(
-                    max_workers=self.workers,
-                    # spawn, not fork: the server process has threads (Ray, the event loop).
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_init_worker,
-                    initargs=(self.memory_limit, tmp),
-                )
-                # Start every worker now: a worker's start (a new interpreter, ~1 s on
-                # a busy machine) must not count against an evaluation's timeout.
-                self._tmp[id(self._pool)] = tmp
-                if not self._atexit:  # a replica stopped by SIGTERM still cleans up
-                    atexit.register(self.close)
-                    self._atexit = True
-                self._warm = [self._pool.submit(_warm_up) for _ in range(self.workers)]
+                self._pool, self._warm = self._spawn(self.workers)
             return self._pool, self._warm
 
     def _discard(self, pool: ProcessPoolExecutor) -> None:
-        """Kill ``pool``'s workers (one is stuck) and forget it."""
+        """Kill ``pool``'s workers (one is stuck or dead) and forget it. Its pending
+        evaluations fail with ``BrokenProcessPool`` (not cancelled: their requests retry)."""
         with self._lock:
             if self._pool is pool:
                 self._pool = None
-        for proc in list(getattr(pool, "_processes", {}).values()):
+        # ``_processes`` is None once the pool has noticed a dead worker by itself.
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
             with contextlib.suppress(ProcessLookupError, TypeError):
                 if proc.pid is not None:
                     os.kill(proc.pid, signal.SIGKILL)
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False)
         with self._lock:
             tmp = self._tmp.pop(id(pool), None)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    async def _run(
+        self,
+        pool: ProcessPoolExecutor,
+        warm: list[Future[None]],
+        source: str,
+        filename: str,
+        dirs: list[str],
+    ) -> Doc:
+        """Evaluate in ``pool``; ``BrokenProcessPool`` if the pool dies or is gone."""
+        try:
+            await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, warm)), 120)
+            try:
+                future = pool.submit(_evaluate, source, filename, dirs)
+            except RuntimeError:  # shut down by another request's timeout meanwhile
+                raise BrokenProcessPool("the evaluator pool was shut down") from None
+            ok, value = await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
+        except TimeoutError:
+            self._discard(pool)
+            raise EvaluationTimeoutError(
+                f"{filename}: evaluation did not finish within {self.timeout:g} s"
+            ) from None
+        if not ok:
+            raise InputError(str(value))
+        return value  # type: ignore[no-any-return]
+
     async def evaluate(self, source: str, filename: str, import_dirs: list[Path]) -> Doc:
         dirs = [str(d) for d in import_dirs]
-        for attempt in (1, 2):
-            pool, warm = self._current()
+        pool, warm = self._current()
+        try:
+            return await self._run(pool, warm, source, filename, dirs)
+        except BrokenProcessPool:
+            # A worker died (this evaluation's or another one's: a value nested too
+            # deeply, the memory limit) or another request's timeout killed the pool.
+            # Retry once alone, in a worker of its own, so that one bad submission
+            # cannot fail the others.
+            self._discard(pool)
+        async with self._alone:
+            alone, warm = self._spawn(1)
             try:
-                await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, warm)), 120)
-                future = pool.submit(_evaluate, source, filename, dirs)
-                ok, value = await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
-            except TimeoutError:
-                self._discard(pool)
-                raise EvaluationTimeoutError(
-                    f"{filename}: evaluation did not finish within {self.timeout:g} s"
-                ) from None
+                return await self._run(alone, warm, source, filename, dirs)
             except BrokenProcessPool:
-                # Another request's timeout killed the pool under us, or a worker died
-                # (memory limit): retry once in a fresh pool, then give up.
-                self._discard(pool)
-                if attempt == 2:
-                    raise InputError(
-                        f"{filename}: evaluation failed (the evaluator process died; "
-                        "is the workflow too large?)"
-                    ) from None
-                continue
-            if not ok:
-                raise InputError(str(value))
-            return value  # type: ignore[no-any-return]
-        raise AssertionError("unreachable")
+                limit = f"the {self.memory_limit >> 20} MiB " if self.memory_limit else "the "
+                raise InputError(
+                    f"{filename}: evaluation failed: the Nickel evaluator crashed (a value "
+                    f"nested too deeply, or over {limit}memory limit?)"
+                ) from None
+            finally:
+                self._discard(alone)
 
     def close(self) -> None:
         with self._lock:

@@ -66,7 +66,7 @@ def problem_response(
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem, "content": {PROBLEM_JSON: {}}, "description": HTTPStatus(code).phrase}
-    for code in (401, 404, 409, 413, 422, 503)
+    for code in (401, 404, 409, 413, 415, 422, 503)
 }
 
 

@@ -121,7 +121,19 @@ def load_workflow_source(
     with tempfile.TemporaryDirectory(prefix="prov-submit-") as tmp:
         path = Path(tmp) / "submitted.ncl"
         path.write_text(source, encoding="utf-8")
-        return _load_nickel(path, filename, import_dirs)
+        try:
+            return _load_nickel(path, filename, import_dirs)
+        except WorkflowLoadError as exc:
+            # Nickel names the schema and catalog files by their absolute paths: show the
+            # submitter the bare names it imports them by, not the server's file system.
+            raise WorkflowLoadError(_hide_dirs(str(exc), [*dirs, Path(tmp)])) from exc
+
+
+def _hide_dirs(message: str, dirs: Iterable[Path]) -> str:
+    prefixes = {f"{form}/" for d in dirs for form in (d, d.resolve())}
+    for prefix in sorted(prefixes, key=len, reverse=True):
+        message = message.replace(prefix, "")
+    return message
 
 
 def workflow_from_data(data: Any, source_name: str = "<workflow>") -> WorkflowSpec:
@@ -135,7 +147,7 @@ def workflow_from_data(data: Any, source_name: str = "<workflow>") -> WorkflowSp
 
 
 def format_validation_error(exc: ValidationError, data: Any, source_name: str) -> str:
-    errors = exc.errors()
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
     ops_loc = ("batch_workflow", "operations")
     if any(e["loc"][:2] == ops_loc and len(e["loc"]) > 2 for e in errors):
         # pydantic checks the list's length again on what is left after the bad
