@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from typing import Any
 
 import ray
@@ -270,9 +271,23 @@ class WorkflowActor:
                 self._counts[op_id] = result.get("counts", {})
                 await self._retire(op_id)
                 failed = failed or result["status"] != OpState.ROLLED_BACK.value
+        await self._release_orphaned_adopted(subset)
         end = WorkflowState.ROLLBACK_FAILED if failed else WorkflowState.ROLLED_BACK
         await self._set_workflow(end)
         return self._final()
+
+    async def _release_orphaned_adopted(self, subset: list[str] | None) -> None:
+        docs = await self.checkpoint.load.remote(self.id)
+        orphaned = rollback.orphaned_adopted(self.plan, docs, subset)
+        if not orphaned:
+            return
+        await self._release(orphaned, docs)
+        for op_id in sorted({step["op"] for step in orphaned}):
+            counts = Counter(
+                d["status"] for (kind, _), d in docs.items() if kind == ITEM and d["op_id"] == op_id
+            )
+            self._counts[op_id] = dict(counts)
+            await self._write_op(op_id, {"counts": dict(counts)})
 
     def _needs_undo(self, op_id: str) -> bool:
         """An operation with nothing left to undo still ends RolledBack if it ran."""

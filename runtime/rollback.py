@@ -29,6 +29,7 @@ __all__ = [
     "UndoStep",
     "needs_undo",
     "op_steps",
+    "orphaned_adopted",
     "preview",
     "rollback_subset",
     "undo_action",
@@ -94,6 +95,28 @@ def op_steps(plan: Plan, docs: Docs, op_id: str) -> list[UndoStep]:
             step = UndoStep(op=op_id, item=item.name, action=action, server=item.server)
             chains.setdefault(item.server, []).append(step)
     return [step for chain in chains.values() for step in reversed(chain)]
+
+
+def orphaned_adopted(plan: Plan, docs: Docs, subset: Iterable[str] | None) -> list[UndoStep]:
+    """Adopted taskservs (installed before this workflow, never uninstalled by it) whose
+    server this rollback deleted: they went with it, so they end RolledBack too. Run
+    after the server deletions, so a deletion that failed leaves them Completed."""
+    wanted = set(plan.operations) if subset is None else set(subset)
+    steps = []
+    for op_id in sorted(wanted):
+        for item in plan.operations[op_id].items:
+            doc = docs.get((ITEM, item_key(op_id, item.name)))
+            if item.kind != "taskserv" or doc is None or not doc.get("adopted"):
+                continue
+            server = server_doc(plan, docs, item.server) or {}
+            if (
+                doc.get("status") == ItemState.COMPLETED.value
+                and server.get("status") == ItemState.ROLLED_BACK.value
+            ):
+                steps.append(
+                    UndoStep(op=op_id, item=item.name, action="release", server=item.server)
+                )
+    return steps
 
 
 def rollback_subset(plan: Plan, operations: Iterable[str] | None) -> list[str] | None:

@@ -109,8 +109,14 @@ def test_rollback_undoes_exactly_the_preview_in_reverse_order(
     assert lines(log, "uninstall") == ["app rb-1", "app rb-2", "base rb-2", "app rb-3", "base rb-3"]
     stored = item_docs(orchestrator, wid)
     undone = {k.split("/", 1)[1] for k, d in stored.items() if d["status"] == "RolledBack"}
-    assert undone == {s["item"] for s in steps}
-    assert stored["stack/rb-1/base"]["status"] == "Completed"  # adopted: not ours to undo
+    # The adopted rb-1/base was never uninstalled, but its server was deleted: it went
+    # with it, so it ends RolledBack too, and the counts agree with the operation.
+    assert undone == {s["item"] for s in steps} | {"rb-1/base"}
+    assert stored["stack/rb-1/base"]["adopted"] is True
+    assert {op["id"]: op["counts"] for op in doc["operations"]} == {
+        "fleet": {"RolledBack": 3},
+        "stack": {"RolledBack": 6},
+    }
     assert_local_invariants(
         orchestrator.settings.data_dir, orchestrator.load(wid), rolled_back=True
     )

@@ -77,6 +77,8 @@ async def test_preview_lists_exactly_what_the_engine_undoes() -> None:
     assert ts["s2/c"]["status"] == "Skipped" and ts["s3/a"]["status"] == "Skipped"
 
     steps = rollback.preview(plan, as_docs(srv, ts))
+    # Its server is still there: the adopted s1/a has not gone anywhere yet.
+    assert rollback.orphaned_adopted(plan, as_docs(srv, ts), None) == []
     assert [(s["op"], s["item"], s["action"]) for s in steps] == [
         # last wave first; each server's chain backwards; adopted s1/a left alone;
         # s2/b's apply ran (and failed), so it is uninstalled too
@@ -107,6 +109,10 @@ async def test_preview_lists_exactly_what_the_engine_undoes() -> None:
     assert touched == {s["item"] for s in steps}
     # Nothing left to undo: a second preview is empty.
     assert rollback.preview(plan, as_docs(srv, ts)) == []
+    # s1 was deleted, and the adopted s1/a (never uninstalled) with it.
+    released = rollback.orphaned_adopted(plan, as_docs(srv, ts), None)
+    assert [(s["op"], s["item"], s["action"]) for s in released] == [("ts", "s1/a", "release")]
+    assert rollback.orphaned_adopted(plan, as_docs(srv, ts), ["srv"]) == []  # not in subset
 
 
 async def test_forward_failure_without_side_effect_does_not_fail_the_rollback() -> None:
