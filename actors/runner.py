@@ -131,6 +131,24 @@ def run_foreground(
         time.sleep(poll)
 
 
+@ray.remote(num_cpus=0)
+class _Probe:
+    def cpu(self) -> float:
+        return time.process_time()
+
+
+def actor_start_cpu(samples: int = 3) -> float:
+    """CPU seconds one new actor process costs before it runs anything (interpreter,
+    ``import ray``, registration): what every operation actor pays once. The median of
+    ``samples`` fresh actors, for the benchmarks."""
+    costs = []
+    for _ in range(samples):
+        probe = _Probe.remote()  # type: ignore[attr-defined]
+        costs.append(float(ray.get(probe.cpu.remote())))
+        ray.kill(probe)
+    return sorted(costs)[len(costs) // 2]
+
+
 def shutdown() -> None:
     if ray.is_initialized():
         ray.shutdown()

@@ -20,13 +20,14 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
         [],
         ["--waves", "5", "--items", "400", "--prefect-items", "20"],
     ),
-    "plan": ("plan_bench.py", [], []),
+    "plan": ("plan_bench.py", [], ["--servers", "1000", "--repeat", "1"]),
     "store": ("store_bench.py", [], ["--records", "2000"]),
     "throttle": ("throttle_bench.py", [], ["--n", "100", "--burst", "20", "--rate", "20"]),
     "latency": ("latency_bench.py", [], ["--n", "100", "--limit", "50", "--delay", "1"]),
     "recovery": ("recovery_bench.py", [], ["--items", "200"]),
     "api": ("api_bench.py", [], ["--requests", "200"]),
     "memory": ("memory_bench.py", [], ["--workflows", "5"]),
+    "coalesce": ("coalesce_bench.py", [], ["--n", "80", "--limits", "80,10"]),
 }
 QUICK = ["engine", "plan", "throttle", "latency"]
 

@@ -113,6 +113,7 @@ def main() -> None:
         total, _, engine = run_engine(args.waves, width, per_op, args.backend)
         rows.append((f"provisioning {width} op/wave, submit to end", n, total))
         rows.append((f"provisioning {width} op/wave, first op to last", n, engine))
+    start_cpu = runner.actor_start_cpu()
     runner.shutdown()
 
     rates = {name: count / secs for name, count, secs in rows}
@@ -127,6 +128,14 @@ def main() -> None:
     for other in ("Dask LocalCluster (2 procs)", "Prefect 3 (ephemeral)"):
         if ours and other in rates:
             print(f"ours (submit to end, best) / {other}: {ours / rates[other]:.1f}x")
+    # One new process per operation (DESIGN.md section 3): its start alone bounds the
+    # rate, whatever the engine does per item.
+    cores = os.cpu_count() or 1
+    ceiling = n / (args.waves * start_cpu / cores)
+    print(
+        f"one operation actor costs {start_cpu:.2f} CPU-s to start; {args.waves} of them on "
+        f"{cores} cores bound 1 op/wave to {ceiling:,.0f} items/s even at zero cost per item"
+    )
     print(
         f"\nreproduce: .venv/bin/python -m bench engine --waves {args.waves} "
         f"--items {args.items} --prefect-items {args.prefect_items}"
