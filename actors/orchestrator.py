@@ -73,6 +73,7 @@ class OrchestratorActor:
         self._tasks: dict[str, asyncio.Task[Doc]] = {}
         self._actors: dict[str, Any] = {}
         self._started = False
+        self._resumed: list[str] = []
         self._idempotency: dict[str, str] = {}
         self._admission = Admission(int(os.environ.get("PROVISIONING_MAX_LIVE_WORKFLOWS", "8")))
         self._summaries: dict[str, Doc] = {}  # status documents of terminal workflows
@@ -81,9 +82,9 @@ class OrchestratorActor:
 
     async def start(self) -> list[str]:
         """Resume every unfinished workflow (unless this orchestrator serves one
-        foreground run). Safe to call more than once."""
+        foreground run). Safe to call more than once: later calls return the same ids."""
         if self._started:
-            return []
+            return list(self._resumed)
         self._started = True
         self._metrics_task = asyncio.create_task(self._metrics_loop())
         resumed = []
@@ -93,6 +94,7 @@ class OrchestratorActor:
             if self.resume_on_start and WorkflowState(doc["status"]) in UNFINISHED:
                 self._launch(doc["id"], FORWARD)
                 resumed.append(doc["id"])
+        self._resumed = resumed
         return resumed
 
     async def submit(self, spec: Doc, idempotency_key: str | None = None) -> Doc:

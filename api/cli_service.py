@@ -87,7 +87,10 @@ def up(
         return
     if state:
         err.print("a previous `up` left state behind but its API does not answer: cleaning up")
-        _stop(settings, state, quiet=True)
+        # The sandbox outlives a crashed orchestrator on purpose: it holds the servers the
+        # resumed workflows reconcile against (moto keeps them in memory only).
+        # `up --sandbox` reuses it; Sandbox.start() replaces what no longer answers.
+        _stop(settings, state, quiet=True, keep_sandbox=sandbox)
     if not _port_free(host, port):
         raise InputError(f"port {port} on {host} is taken: choose another with --port")
 
@@ -297,7 +300,7 @@ def stop_head(head: Doc, timeout: float = 6.0) -> None:
 # -- shared ----------------------------------------------------------------------------
 
 
-def _stop(settings: Settings, state: Doc, *, quiet: bool) -> None:
+def _stop(settings: Settings, state: Doc, *, quiet: bool, keep_sandbox: bool = False) -> None:
     head = state.get("head")
     if head:
         if not quiet:
@@ -315,9 +318,10 @@ def _stop(settings: Settings, state: Doc, *, quiet: bool) -> None:
     from runtime.sandbox.launcher import Sandbox
 
     try:
-        Sandbox.attach(settings.data_dir).stop()
-        if not quiet:
-            err.print("stopped the sandbox")
+        if not keep_sandbox:
+            Sandbox.attach(settings.data_dir).stop()
+            if not quiet:
+                err.print("stopped the sandbox")
     except FileNotFoundError:
         pass
     for name in ("up.json", "pids"):

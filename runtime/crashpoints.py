@@ -20,13 +20,21 @@ Points (see ``runtime.lifecycle`` and ``actors.checkpoint``), for every action
 
 Hits are counted per process (one operation actor runs one operation), and only for
 ``<action>`` (``create``, ``apply``, ``delete``, ``uninstall``) when it is given.
+
+Hold mode, for a test that kills the orchestrator itself (e.g. by the pids
+``provisioning up`` records): ``<name>:<n>[:<action>]:hold=<marker file>``. Reaching
+the point then writes ``<marker file>`` (JSON: point, action, hit, pid) and blocks the
+calling thread for good, so nothing of that process gets past the boundary; the
+test, seeing the marker, does the killing.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
+import time
 from collections import Counter
 
 __all__ = ["ACTIONS", "NAMES", "configure", "crash_point", "parse"]
@@ -35,13 +43,27 @@ NAMES = frozenset({"before_intent", "after_intent", "after_call", "during_commit
 
 ACTIONS = frozenset({"create", "apply", "delete", "uninstall"})
 
+HOLD = ":hold="
+
 _target: tuple[str, int, str | None] | None = None
+_hold: str | None = None  # the marker file, in hold mode
 _hits: Counter[str] = Counter()
+
+
+def split_hold(spec: str | None) -> tuple[str | None, str | None]:
+    """``"after_call:3:hold=/x/crashpoint"`` -> ``("after_call:3", "/x/crashpoint")``."""
+    if not spec or HOLD not in spec:
+        return spec, None
+    spec, _, marker = spec.partition(HOLD)
+    if not os.path.isabs(marker):
+        raise ValueError(f"crash point hold marker must be an absolute path: {marker!r}")
+    return spec, marker
 
 
 def parse(spec: str | None) -> tuple[str, int, str | None] | None:
     """``"after_call:3:delete"`` -> ``("after_call", 3, "delete")``; the count defaults
-    to 1 and the action to any."""
+    to 1 and the action to any. A ``:hold=<marker>`` suffix is accepted and left out."""
+    spec, _ = split_hold(spec)
     if not spec:
         return None
     name, _, rest = spec.partition(":")
@@ -61,8 +83,9 @@ def parse(spec: str | None) -> tuple[str, int, str | None] | None:
 
 def configure(spec: str | None) -> None:
     """Arm (or, with None, disarm) this process's crash point."""
-    global _target
+    global _target, _hold
     _target = parse(spec)
+    _hold = split_hold(spec)[1]
     _hits.clear()
 
 
@@ -71,7 +94,21 @@ def crash_point(name: str, action: str | None = None) -> None:
         return
     _hits[name] += 1
     if _hits[name] == _target[1]:
+        if _hold is not None:
+            _hold_here(_hold, name, action)
         _kill()
+
+
+def _hold_here(marker: str, name: str, action: str | None) -> None:
+    """Tell the test (atomically: the marker is whole or absent), then never return."""
+    print(f"crash point {_target} reached: holding", file=sys.stderr, flush=True)
+    info = {"point": name, "action": action, "hit": _hits[name], "pid": os.getpid()}
+    tmp = f"{marker}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(info, fh)
+    os.replace(tmp, marker)
+    while True:  # the test SIGKILLs this process
+        time.sleep(3600)
 
 
 def _kill() -> None:
