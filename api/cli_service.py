@@ -278,6 +278,9 @@ def _head_pids(head: Doc) -> dict[str, int]:
     return pids
 
 
+TERM_GRACE = 1.5  # seconds
+
+
 def stop_head(head: Doc, timeout: float = 6.0) -> None:
     """TERM, then KILL, the head's process group, if it still is that head (some of
     Ray's agents ignore SIGTERM)."""
@@ -288,7 +291,9 @@ def stop_head(head: Doc, timeout: float = 6.0) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, sig)
-        deadline = time.monotonic() + timeout
+        # A short grace for TERM: the GCS and raylet wait for agents that ignore it, and
+        # nothing needs it (every write is durable when acknowledged).
+        deadline = time.monotonic() + (TERM_GRACE if sig == signal.SIGTERM else timeout)
         while _group(pgid) and time.monotonic() < deadline:
             time.sleep(0.1)
         if not _group(pgid):
