@@ -268,6 +268,8 @@ class OperationActor:
                 "finished_at": now(),
                 "max_in_flight": outcome.max_in_flight,
             }
+            if outcome.coalescing:  # provider calls shared by identical creates, and saved
+                final["coalescing"] = outcome.coalescing
             await self._write_op(committer, final, docs)
             if not is_taskserv_op:
                 final = {**final, "servers": self._server_results(items)}

@@ -7,12 +7,14 @@ scheduling rules are tested with fakes of the provider and transport interfaces.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from runtime import lifecycle, rollback
+from runtime.coalesce import CreateCoalescer
 from runtime.errors import error_class_name
 from runtime.lifecycle import ItemHost
 from runtime.planner import ItemPlan, OperationPlan
@@ -23,6 +25,7 @@ from runtime.states import ItemState, OpState
 from runtime.transports.base import Transport
 from schemas.models import OperationType, TaskservSpec
 
+log = logging.getLogger(__name__)
 Doc = dict[str, Any]
 FORWARD, ROLLBACK = "forward", "rollback"
 _DONE = {ItemState.COMPLETED.value, ItemState.ROLLED_BACK.value}
@@ -63,6 +66,8 @@ class OpOutcome:
     counts: dict[str, int]
     error: str | None = None
     max_in_flight: int = 0
+    # Coalesced creates (runtime.coalesce), when the provider batches: calls made and saved.
+    coalescing: dict[str, int] | None = None
 
 
 @dataclass
@@ -103,6 +108,17 @@ class OperationRunner:
         self._undo_failed = 0
         self._by_name = {i.name: i for i in plan.items}
         self._configs = {c.name: c for c in plan.spec.server_configs}
+        # Identical configs reaching their create together share one provider call, if
+        # the provider can batch; otherwise there is none and each item calls alone.
+        self.coalescer: CreateCoalescer | None = None
+        provider = ctx.provider
+        if (
+            mode == FORWARD
+            and plan.spec.type is OperationType.SERVER_BATCH
+            and provider is not None
+            and provider.max_batch > 1
+        ):
+            self.coalescer = CreateCoalescer(provider, host)
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -209,10 +225,16 @@ class OperationRunner:
                     self.host,
                     retry,
                     timeout,
+                    self.coalescer,
                 )
             else:
                 await lifecycle.delete_server_item(
-                    item, self.ctx.provider, self.host, retry, timeout
+                    item,
+                    self.ctx.provider,
+                    self.host,
+                    retry,
+                    timeout,
+                    self._configs.get(plan_item.server),
                 )
             return
         server = self.ctx.servers[plan_item.server]
@@ -275,4 +297,8 @@ class OperationRunner:
                 error += f" ({self.budget.tolerated} tolerated)"
             if self._first_error:
                 error += f"; first: {self._first_error}"
-        return OpOutcome(status, counts, error, self.limiter.max_in_use)
+        coalescing = None
+        if self.coalescer is not None:
+            coalescing = self.coalescer.stats.to_dict()
+            log.info("operation %s: coalesced creates %s", self.spec.id, coalescing)
+        return OpOutcome(status, counts, error, self.limiter.max_in_use, coalescing)

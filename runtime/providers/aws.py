@@ -12,12 +12,41 @@ Why it is built this way:
   provider knows it (from a create, an earlier find, or the optional ``zone``), else
   every region of the zone table and every region used so far: a missed key means a
   second server for it.
+
+Batch creation (``create_batch``, used by ``runtime.coalesce`` when ``max_batch > 1``:
+``PROVISIONING_AWS_COALESCE``, on by default with batches of up to 50; ``off`` sends
+one ``run_instances`` per item).
+- N configs identical in all but name (plan, zone, image, user_data, labels) are
+  launched by ONE ``run_instances`` with ``MinCount = MaxCount = N``: all or nothing.
+  EC2 throttles mutating calls per account with one token bucket (burst 50, refill
+  5/s), so N items cost one token instead of N.
+- Tags at launch are what every member shares: the labels and ``provisioning:batch =
+  <batch id>`` (``TagSpecifications`` cannot differ per instance). The batch id is
+  also the ``ClientToken``.
+- A member's identity is (batch id, ``AmiLaunchIndex``): EC2 numbers the instances of
+  one request 0..N-1 and returns the number in ``RunInstances`` and
+  ``DescribeInstances``. The item's intent records both before the call, so
+  ``find_batch_member`` finds exactly its own instance after a crash or a lost reply:
+  one ``DescribeInstances`` by the batch tag (non-mutating bucket; concurrent lookups of
+  one batch share it), filtered by launch index here (moto has no ``launch-index``
+  filter). ``wait_ready`` of members polls the same way: the members of one launch
+  poll together, so one DescribeInstances per round serves all of them.
+- Per-instance ``Name`` and key tags: EC2 has no call that writes a different tag
+  value to each of several resources, so they cost one ``create_tags`` per instance.
+  By default (``member_tags``, ``PROVISIONING_AWS_MEMBER_TAGS``) they are written right
+  after the launch, best effort (a failure is logged, the members still count as
+  created): the console shows names and ``find_server(key)`` works for members, and
+  ``run_instances`` (EC2's resource-intensive call) drops from N to N/50, but the
+  mutating calls total N + N/50. ``PROVISIONING_AWS_MEMBER_TAGS=0`` leaves them out:
+  N/50 mutating calls in all, and a coalesced instance is found by its batch and index,
+  which the store holds (orphan sweeps look for the ``provisioning:batch`` tag).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -56,8 +85,12 @@ from runtime.providers.aws_tables import (
 from runtime.providers.base import Provider, ServerRef
 from schemas.models import ServerConfigSpec
 
+log = logging.getLogger(__name__)
+
 KEY_TAG = "provisioning:key"
 BATCH_TAG = "provisioning:batch"
+DEFAULT_MAX_BATCH = 50  # instances per coalesced run_instances when coalescing is "on"
+MAX_BATCH_LIMIT = 1000  # EC2's per-instance RunInstances bucket holds 1,000
 CANONICAL_OWNER = "099720109477"  # Ubuntu images are published by this account
 UBUNTU_FILTERS = [
     {"Name": "name", "Values": ["ubuntu/images/hvm-ssd*/ubuntu-*-amd64-server-*"]},
@@ -149,7 +182,13 @@ class AwsProvider(Provider):
         images: Mapping[str, str] | None = None,
         session: Any = None,
         max_pool_connections: int = 50,
+        max_batch: int = 1,
+        member_tags: bool = False,
     ) -> None:
+        if not 1 <= max_batch <= MAX_BATCH_LIMIT:
+            raise PermanentError(f"max_batch must be 1..{MAX_BATCH_LIMIT}, got {max_batch}")
+        self.max_batch = max_batch
+        self.member_tags = member_tags
         self.zones = {**DEFAULT_ZONES, **(region_table or {})}
         self.plans = {**DEFAULT_PLANS, **(plan_table or {})}
         self.endpoint_url = endpoint_url
@@ -166,6 +205,8 @@ class AwsProvider(Provider):
         self._lock = threading.Lock()
         self._image_locks: dict[str, threading.Lock] = {}
         self._key_regions: dict[str, str] = {}
+        self._batch_regions: dict[str, str] = {}
+        self._batch_lookups: dict[tuple[str, str, bool], asyncio.Future[list[dict[str, Any]]]] = {}
         self._listeners: list[Callable[[str, str], None]] = []
 
     @classmethod
@@ -178,7 +219,10 @@ class AwsProvider(Provider):
     ) -> AwsProvider:
         """Endpoint from ``AWS_ENDPOINT_URL``, table overrides from ``tables_path`` or
         ``PROVISIONING_AWS_TABLES``; credentials from ``environ``'s ``AWS_*`` keys when
-        present, else boto3's usual chain (profile, SSO, instance role)."""
+        present, else boto3's usual chain (profile, SSO, instance role). Coalesced
+        creates from ``PROVISIONING_AWS_COALESCE`` (on = 50, the default | off | the batch
+        size) and ``PROVISIONING_AWS_MEMBER_TAGS`` (on by default: also tag each member,
+        one call each; 0 leaves member tags out)."""
         env = os.environ if environ is None else environ
         tables_path = tables_path or env.get("PROVISIONING_AWS_TABLES") or None
         tables = load_tables(tables_path) if tables_path else {}
@@ -197,6 +241,8 @@ class AwsProvider(Provider):
             poll_interval=poll_interval,
             images=tables.get("images"),
             session=session,
+            max_batch=parse_coalesce(env.get("PROVISIONING_AWS_COALESCE")),
+            member_tags=_flag(env.get("PROVISIONING_AWS_MEMBER_TAGS"), default=True),
         )
 
     def __repr__(self) -> str:  # never show the session: it holds credentials
@@ -310,39 +356,126 @@ class AwsProvider(Provider):
         resp = await self._call(region, "run_instances", **params)
         return _to_ref(resp["Instances"][0], region, key=key, name=spec.name)
 
-    async def create_servers(
-        self, specs: list[ServerConfigSpec], keys: list[str]
+    async def create_batch(
+        self, specs: list[ServerConfigSpec], keys: list[str], batch: str
     ) -> list[ServerRef]:
-        """Create identical configs with ONE run_instances call, then tag each instance
-        with its own Name and key (one create_tags call each).
-
-        Reconcile stays per item: a retry of any item uses find_server(key) and
-        create_server. Between the launch and the tagging, instances carry only the
-        ``provisioning:batch`` tag (a hash of the keys), so a crash in that window
-        leaves instances that orphan sweeps can find by that tag, never by a key.
-        """
+        """Launch identical configs with ONE run_instances; member ``i`` is the instance
+        with ``AmiLaunchIndex == i`` (see the module docstring for the tags)."""
         if not specs or len(specs) != len(keys):
-            raise PermanentError("create_servers needs one key per spec, and at least one")
+            raise PermanentError("create_batch needs one key per spec, and at least one")
         first = specs[0]
-        shape = (first.plan, first.zone, first.image, first.user_data)
-        if any((s.plan, s.zone, s.image, s.user_data) != shape for s in specs):
-            raise PermanentError("create_servers needs specs with one plan, zone, image")
+        if any(batch_shape(s) != batch_shape(first) for s in specs):
+            raise PermanentError(
+                "create_batch needs specs identical in plan, zone, image, user_data, labels"
+            )
         region, params = await self._launch_params(first, len(specs))
-        batch = client_token("\n".join(keys))
-        params["ClientToken"] = batch
-        params["TagSpecifications"] = [
-            {"ResourceType": "instance", "Tags": [{"Key": BATCH_TAG, "Value": batch}]}
-        ]
+        shared = [{"Key": k, "Value": v} for k, v in {**first.labels, BATCH_TAG: batch}.items()]
+        params["ClientToken"] = client_token(batch)
+        params["TagSpecifications"] = [{"ResourceType": "instance", "Tags": shared}]
+        # Before the call: a lost response must be findable in this region.
+        self._batch_regions[batch] = region
         for key in keys:
             self._key_regions[key] = region
         resp = await self._call(region, "run_instances", **params)
-        instances = sorted(resp["Instances"], key=lambda i: int(i.get("AmiLaunchIndex", 0)))
-        refs = []
-        for inst, spec, key in zip(instances, specs, keys, strict=True):
-            tags = _tags(spec, key)
-            await self._call(region, "create_tags", Resources=[inst["InstanceId"]], Tags=tags)
-            refs.append(_to_ref({**inst, "Tags": tags}, region, key=key, name=spec.name))
-        return refs
+        by_index = {int(i.get("AmiLaunchIndex", -1)): i for i in resp["Instances"]}
+        if sorted(by_index) != list(range(len(specs))):
+            raise PermanentError(
+                f"run_instances for batch {batch} returned launch indexes {sorted(by_index)}, "
+                f"not 0..{len(specs) - 1}: its instances carry {BATCH_TAG}={batch}",
+                code="BadLaunchIndex",
+            )
+        members = [{**by_index[i], "Tags": shared} for i in range(len(specs))]
+        if self.member_tags:
+            await self._tag_members(region, batch, members, specs, keys)
+        return [
+            _to_ref(inst, region, key=key, name=spec.name)
+            for inst, spec, key in zip(members, specs, keys, strict=True)
+        ]
+
+    async def _tag_members(
+        self,
+        region: str,
+        batch: str,
+        members: list[dict[str, Any]],
+        specs: list[ServerConfigSpec],
+        keys: list[str],
+    ) -> None:
+        """Name and key tags, one create_tags per instance (EC2 writes one tag value per
+        call). Best effort: the members exist and are found by batch and index anyway."""
+        for i, (inst, spec, key) in enumerate(zip(members, specs, keys, strict=True)):
+            tags = [{"Key": "Name", "Value": spec.name}, {"Key": KEY_TAG, "Value": key}]
+            try:
+                await self._call(region, "create_tags", Resources=[inst["InstanceId"]], Tags=tags)
+            except ProviderError as exc:
+                log.warning(
+                    "batch %s: %d of %d members left without Name/key tags: %s",
+                    batch,
+                    len(members) - i,
+                    len(members),
+                    exc,
+                )
+                return
+            inst["Tags"] = [*inst["Tags"], *tags]
+
+    async def find_batch_member(
+        self, batch: str, index: int, key: str, spec: ServerConfigSpec | None = None
+    ) -> ServerRef | None:
+        if spec is not None:
+            regions = [self.resolve_zone(spec.zone)[0]]
+        elif batch in self._batch_regions:
+            regions = [self._batch_regions[batch]]
+        else:
+            regions = self._search_regions()
+        found = await asyncio.gather(*(self._batch_in(r, batch) for r in regions))
+        members = [
+            (inst, region)
+            for region, insts in zip(regions, found, strict=True)
+            for inst in insts
+            if int(inst.get("AmiLaunchIndex", -1)) == index
+        ]
+        if not members:
+            return None
+        # One call makes one instance per index; more than one would be a reused id.
+        inst, region = min(
+            members, key=lambda m: (str(m[0].get("LaunchTime", "")), m[0]["InstanceId"])
+        )
+        self._batch_regions[batch] = self._key_regions[key] = region
+        return _to_ref(inst, region, key=key, name=spec.name if spec is not None else None)
+
+    async def _batch_in(
+        self, region: str, batch: str, *, live_only: bool = True
+    ) -> list[dict[str, Any]]:
+        """Instances of ``batch`` in ``region`` (only live ones, or in any state).
+        Members of one batch reconcile, and poll for readiness, together: concurrent
+        lookups share one DescribeInstances instead of one call per member."""
+        slot = (region, batch, live_only)
+        lookup = self._batch_lookups.get(slot)
+        if lookup is None:
+            lookup = asyncio.ensure_future(
+                self._describe(region, f"tag:{BATCH_TAG}", batch, live_only=live_only)
+            )
+            self._batch_lookups[slot] = lookup
+            lookup.add_done_callback(lambda f: _forget(self._batch_lookups, slot, f))
+        return await asyncio.shield(lookup)
+
+    async def _describe(
+        self, region: str, tag_filter: str, value: str, *, live_only: bool = True
+    ) -> list[dict[str, Any]]:
+        filters = [{"Name": tag_filter, "Values": [value]}]
+        if live_only:
+            filters.append({"Name": "instance-state-name", "Values": _LIVE_STATES})
+
+        def run() -> list[dict[str, Any]]:
+            with _aws_errors():
+                pages = self._client(region).get_paginator("describe_instances")
+                return [
+                    inst
+                    for page in pages.paginate(Filters=filters)
+                    for res in page["Reservations"]
+                    for inst in res["Instances"]
+                ]
+
+        return await asyncio.to_thread(run)
 
     async def find_servers(self, key: str, zone: str | None = None) -> list[ServerRef]:
         """Every live instance carrying ``key``, oldest first (more than one is a
@@ -370,22 +503,7 @@ class AwsProvider(Provider):
         return sorted(regions)
 
     async def _find_in(self, region: str, key: str) -> list[ServerRef]:
-        filters = [
-            {"Name": f"tag:{KEY_TAG}", "Values": [key]},
-            {"Name": "instance-state-name", "Values": _LIVE_STATES},
-        ]
-
-        def run() -> list[dict[str, Any]]:
-            with _aws_errors():
-                pages = self._client(region).get_paginator("describe_instances")
-                return [
-                    inst
-                    for page in pages.paginate(Filters=filters)
-                    for res in page["Reservations"]
-                    for inst in res["Instances"]
-                ]
-
-        return [_to_ref(i, region) for i in await asyncio.to_thread(run)]
+        return [_to_ref(i, region) for i in await self._describe(region, f"tag:{KEY_TAG}", key)]
 
     async def wait_ready(self, ref: ServerRef, timeout: float | None = None) -> ServerRef:
         # Polling instead of the boto3 waiter: the waiter holds a thread while it
@@ -410,6 +528,8 @@ class AwsProvider(Provider):
 
     async def _poll(self, region: str, ref: ServerRef) -> tuple[ServerRef | None, float, str]:
         """(current ref or None, delay before the next poll, what was seen)."""
+        if batch := ref.extra.get("batch"):
+            return await self._poll_member(region, ref, batch)
         try:
             resp = await self._call(region, "describe_instances", InstanceIds=[ref.id])
         except ThrottledError as exc:
@@ -424,6 +544,23 @@ class AwsProvider(Provider):
         if not insts:
             return None, self.poll_interval, "not listed yet"
         current = _to_ref(insts[0], region, key=ref.key, name=ref.name)
+        return current, self.poll_interval, current.state
+
+    async def _poll_member(
+        self, region: str, ref: ServerRef, batch: str
+    ) -> tuple[ServerRef | None, float, str]:
+        """A coalesced member polls with its batch: one DescribeInstances by the batch
+        tag serves every member polling at the same time (they launched together)."""
+        try:
+            insts = await self._batch_in(region, batch, live_only=False)
+        except ThrottledError as exc:
+            return None, max(self.poll_interval, exc.retry_after or 0.0), str(exc)
+        except TransientError as exc:
+            return None, self.poll_interval, str(exc)
+        mine = [i for i in insts if i["InstanceId"] == ref.id]
+        if not mine:
+            return None, self.poll_interval, "not listed yet"
+        current = _to_ref(mine[0], region, key=ref.key, name=ref.name)
         return current, self.poll_interval, current.state
 
     async def delete_server(self, ref: ServerRef) -> None:
@@ -446,6 +583,47 @@ class AwsProvider(Provider):
             client.close()
 
 
+def parse_coalesce(value: str | None) -> int:
+    """``PROVISIONING_AWS_COALESCE``: off, 0 or 1 -> 1 (each item its own call); unset
+    or on -> ``DEFAULT_MAX_BATCH``; a number -> that many instances per call at most."""
+    text = (value or "").strip().lower()
+    if text in ("0", "1", "off", "false", "no"):
+        return 1
+    if text in ("", "on", "true", "yes"):
+        return DEFAULT_MAX_BATCH
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 1 <= n <= MAX_BATCH_LIMIT:
+        raise PermanentError(
+            f"PROVISIONING_AWS_COALESCE must be off, on or 1..{MAX_BATCH_LIMIT}: {value!r}",
+            code="BadSetting",
+        )
+    return n
+
+
+def _flag(value: str | None, default: bool) -> bool:
+    text = (value or "").strip().lower()
+    return default if not text else text in ("1", "on", "true", "yes")
+
+
+def batch_shape(spec: ServerConfigSpec) -> tuple[Any, ...]:
+    """What members of one coalesced launch share: everything but the name."""
+    return (spec.plan, spec.zone, spec.image, spec.user_data, tuple(sorted(spec.labels.items())))
+
+
+def _forget(
+    lookups: dict[tuple[str, str, bool], asyncio.Future[list[dict[str, Any]]]],
+    slot: tuple[str, str, bool],
+    done: asyncio.Future[list[dict[str, Any]]],
+) -> None:
+    if lookups.get(slot) is done:
+        del lookups[slot]
+    if not done.cancelled():
+        done.exception()  # retrieved: every caller may have given up waiting
+
+
 def _tags(spec: ServerConfigSpec, key: str) -> list[dict[str, str]]:
     tags = {**spec.labels, "Name": spec.name, KEY_TAG: key}
     return [{"Key": k, "Value": v} for k, v in tags.items()]
@@ -456,6 +634,9 @@ def _to_ref(
 ) -> ServerRef:
     tags = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
     launched = inst.get("LaunchTime")
+    batch = {}
+    if BATCH_TAG in tags:  # a member of a coalesced launch: its identity
+        batch = {"batch": tags[BATCH_TAG], "launch_index": str(inst.get("AmiLaunchIndex", ""))}
     return ServerRef(
         provider="aws",
         id=str(inst["InstanceId"]),
@@ -470,5 +651,6 @@ def _to_ref(
             "instance_type": str(inst.get("InstanceType", "")),
             "image_id": str(inst.get("ImageId", "")),
             "launched": launched.isoformat() if launched is not None else "",
+            **batch,
         },
     )

@@ -60,3 +60,25 @@ class Provider(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release clients and threads."""
+
+    # ---- optional: batch creation (see runtime.coalesce) -----------------------------
+
+    #: How many identical servers ``create_batch`` can launch in one API call; 1 means
+    #: the provider has no batch creation and every item makes its own call.
+    max_batch: int = 1
+
+    async def create_batch(
+        self, specs: list[ServerConfigSpec], keys: list[str], batch: str
+    ) -> list[ServerRef]:
+        """Create ``len(specs)`` servers identical in all but name with ONE call, member
+        ``i`` (``specs[i]``, ``keys[i]``) findable later by ``find_batch_member(batch, i)``.
+        All or nothing: either every member exists afterwards or none does."""
+        raise NotImplementedError(f"{self.name} has no batch creation")
+
+    async def find_batch_member(
+        self, batch: str, index: int, key: str, spec: ServerConfigSpec | None = None
+    ) -> ServerRef | None:
+        """Member ``index`` of the batch launched as ``batch``, if it exists (any state
+        but deleted), as a reference carrying ``key`` (and ``spec``'s name, when given;
+        ``spec``'s zone, when given, narrows the search)."""
+        raise NotImplementedError(f"{self.name} has no batch creation")

@@ -7,6 +7,8 @@ provider's own reads, so a bug that writes and reads back the same wrong thing f
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import json
 import os
 import re
@@ -14,8 +16,10 @@ import urllib.parse
 import urllib.request
 import uuid
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from botocore.exceptions import (
@@ -27,16 +31,23 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from runtime.engine import ROLLBACK, OperationRunner, RunnerContext
 from runtime.errors import AuthError, PermanentError, ThrottledError, TransientError
+from runtime.planner import OperationPlan, build_plan
 from runtime.providers.aws import (
+    BATCH_TAG,
+    DEFAULT_MAX_BATCH,
     DEFAULT_ZONES,
     KEY_TAG,
     AwsProvider,
     client_token,
     load_tables,
     map_aws_error,
+    parse_coalesce,
 )
+from runtime.records import idempotency_key, new_item_doc
 from runtime.sandbox.moto_server import MotoServer, free_port, sandbox_aws_env
+from schemas.loader import workflow_from_data
 from schemas.models import ServerConfigSpec
 
 pytestmark = pytest.mark.integration
@@ -316,35 +327,287 @@ async def test_default_image_is_resolved_once_per_region(
     assert a.extra["image_id"] == b.extra["image_id"] and a.extra["image_id"].startswith("ami-")
 
 
-# ---- coalesced create -------------------------------------------------------------
+# ---- coalesced create (create_batch) ------------------------------------------------
 
 
-async def test_coalesced_create_makes_one_run_instances_call(
-    moto: MotoServer, provider: AwsProvider, calls: list[tuple[str, str]]
+def _instances_on_moto(moto: MotoServer, **tags: str) -> list[dict[str, Any]]:
+    """Live instances carrying every ``tags`` pair, read with a raw EC2 query:
+    id, launch index, state and tags of each."""
+    params = {"Filter.1.Name": "instance-state-name"}
+    params.update({f"Filter.1.Value.{i}": s for i, s in enumerate(("pending", "running"), 1)})
+    for n, (key, value) in enumerate(tags.items(), 2):
+        params.update({f"Filter.{n}.Name": f"tag:{key}", f"Filter.{n}.Value.1": value})
+    root = _ec2_query(moto, "DescribeInstances", **params)
+    found = []
+    for group in (el for el in root.iter() if _local(el) == "instancesSet"):
+        for inst in group:
+            fields = {_local(c): c for c in inst}
+            tag_map = {}
+            for t in fields.get("tagSet", []):
+                kv = {_local(c): c.text or "" for c in t}
+                tag_map[kv["key"]] = kv["value"]
+            state = next(c for c in fields["instanceState"] if _local(c) == "name")
+            found.append(
+                {
+                    "id": fields["instanceId"].text,
+                    "launch_index": int(fields["amiLaunchIndex"].text or -1),
+                    "state": state.text,
+                    "tags": tag_map,
+                }
+            )
+    return found
+
+
+def _batch_provider(moto: MotoServer, **kw: Any) -> AwsProvider:
+    env = {**sandbox_aws_env(moto.endpoint_url), "PROVISIONING_AWS_COALESCE": "on"}
+    env["PROVISIONING_AWS_MEMBER_TAGS"] = "1" if kw.pop("member_tags", False) else "0"
+    return AwsProvider.from_env(environ=env, poll_interval=0.05, **kw)
+
+
+async def test_create_batch_is_one_mutating_call_and_members_are_found_by_index(
+    moto: MotoServer, calls: list[tuple[str, str]], provider: AwsProvider
 ) -> None:
+    provider.member_tags = False  # PROVISIONING_AWS_MEMBER_TAGS=0
+    run = uuid.uuid4().hex[:8]
     keys = [f"{_key()}-{i}" for i in range(5)]
-    specs = [_spec(f"node-{i}", labels={"pool": "a"}) for i in range(5)]
+    specs = [_spec(f"node-{i}", labels={"pool": "a", "run": run}) for i in range(5)]
 
-    refs = await provider.create_servers(specs, keys)
+    refs = await provider.create_batch(specs, keys, f"pb-{run}")
 
-    assert _ops(calls, "RunInstances") == 1 and _ops(calls, "CreateTags") == 5
-    assert len({r.id for r in refs}) == 5
-    after_crash = _fresh(moto)
+    mutating = [op for _, op in calls if not op.startswith("Describe")]
+    assert mutating == ["RunInstances"]  # no per-instance create_tags
+    assert [r.extra["launch_index"] for r in refs] == ["0", "1", "2", "3", "4"]
+    assert [(r.key, r.name) for r in refs] == [
+        (k, s.name) for k, s in zip(keys, specs, strict=True)
+    ]
+    on_moto = {i["id"]: i for i in _instances_on_moto(moto, run=run)}
+    assert sorted(on_moto) == sorted(r.id for r in refs)
+    for i, ref in enumerate(refs):
+        # Shared tags only: labels and the batch. No Name, no key (they would cost a call each).
+        assert on_moto[ref.id]["tags"] == {"pool": "a", "run": run, BATCH_TAG: f"pb-{run}"}
+        assert on_moto[ref.id]["launch_index"] == i
+
+    after_crash = _fresh(moto)  # knows neither the batch nor its region
+    for i, (spec, key, ref) in enumerate(zip(specs, keys, refs, strict=True)):
+        found = await after_crash.find_batch_member(f"pb-{run}", i, key, spec)
+        assert found is not None and (found.id, found.key, found.name) == (ref.id, key, spec.name)
+        assert found.extra["batch"] == f"pb-{run}" and found.extra["launch_index"] == str(i)
+    assert await _fresh(moto).find_batch_member(f"pb-{run}", 3, keys[3]) is not None  # no zone
+    assert await after_crash.find_batch_member(f"pb-{run}", 5, "k", specs[0]) is None
+    assert await after_crash.find_server(keys[0]) is None  # members are not tagged by key
+    await after_crash.close()
+
+
+async def test_member_tags_cost_one_create_tags_per_instance(moto: MotoServer) -> None:
+    provider = _batch_provider(moto, member_tags=True)
+    seen: list[str] = []
+    provider.add_call_listener(lambda _, op: seen.append(op))
+    keys = [f"{_key()}-{i}" for i in range(4)]
+    specs = [_spec(f"tagged-{i}") for i in range(4)]
+
+    refs = await provider.create_batch(specs, keys, f"pb-{uuid.uuid4().hex[:8]}")
+
+    assert seen.count("RunInstances") == 1 and seen.count("CreateTags") == 4
     for spec, key, ref in zip(specs, keys, refs, strict=True):
-        tags = _tags_on_moto(moto, ref.id)
-        assert (tags["Name"], tags[KEY_TAG], tags["pool"]) == (spec.name, key, "a")
-        found = await after_crash.find_server(key)
-        assert found is not None and (found.id, found.name) == (ref.id, spec.name)
+        assert _tags_on_moto(moto, ref.id)["Name"] == spec.name
+        found = await _fresh(moto).find_server(key)  # findable by key as well now
+        assert found is not None and found.id == ref.id
+    await provider.close()
 
 
-async def test_coalesced_create_refuses_mixed_configs(
+async def test_create_batch_refuses_mixed_configs(
     provider: AwsProvider, calls: list[tuple[str, str]]
 ) -> None:
     with pytest.raises(PermanentError):
-        await provider.create_servers([_spec(), _spec(plan="t3.large")], [_key(), _key()])
+        await provider.create_batch([_spec(), _spec(plan="t3.large")], [_key(), _key()], "pb-1")
     with pytest.raises(PermanentError):
-        await provider.create_servers([_spec()], [_key(), _key()])
+        await provider.create_batch([_spec(), _spec(labels={"a": "b"})], [_key(), _key()], "pb-2")
+    with pytest.raises(PermanentError):
+        await provider.create_batch([_spec()], [_key(), _key()], "pb-3")
     assert calls == []
+
+
+async def test_concurrent_lookups_of_one_batch_share_one_describe(moto: MotoServer) -> None:
+    provider = _batch_provider(moto)
+    keys = [f"{_key()}-{i}" for i in range(6)]
+    batch = f"pb-{uuid.uuid4().hex[:8]}"
+    refs = await provider.create_batch([_spec(f"n{i}") for i in range(6)], keys, batch)
+    after_crash = _fresh(moto)
+    seen: list[str] = []
+    after_crash.add_call_listener(lambda _, op: seen.append(op))
+    found = await asyncio.gather(
+        *(after_crash.find_batch_member(batch, i, k, _spec()) for i, k in enumerate(keys))
+    )
+    assert [f.id if f else None for f in found] == [r.id for r in refs]
+    assert seen == ["DescribeInstances"]
+    await provider.close()
+    await after_crash.close()
+
+
+def test_coalesce_setting() -> None:
+    assert [parse_coalesce(v) for v in (None, "", "0", "1", "off", "on", "7")] == [
+        DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH, 1, 1, 1, DEFAULT_MAX_BATCH, 7,
+    ]  # fmt: skip
+    for bad in ("many", "-3", "100000"):
+        with pytest.raises(PermanentError, match="PROVISIONING_AWS_COALESCE"):
+            parse_coalesce(bad)
+    default = AwsProvider.from_env({})
+    assert default.max_batch == DEFAULT_MAX_BATCH and default.member_tags  # on unless refused
+    assert AwsProvider.from_env({"PROVISIONING_AWS_COALESCE": "off"}).max_batch == 1
+    assert not AwsProvider.from_env({"PROVISIONING_AWS_MEMBER_TAGS": "0"}).member_tags
+
+
+# ---- coalesced operations through the real OperationRunner -------------------------
+
+
+class MemoryHost:
+    """The operation's ItemHost without Ray: each persist is a durable write here."""
+
+    def __init__(self) -> None:
+        self.docs: dict[str, dict[str, Any]] = {}
+
+    async def persist(self, item: dict[str, Any]) -> None:
+        self.docs[item["key"]] = copy.deepcopy(item)
+        await asyncio.sleep(0)
+
+    @contextlib.asynccontextmanager
+    async def permit(self) -> AsyncIterator[None]:
+        yield
+
+    def on_throttled(self, retry_after: float | None) -> None:
+        pass
+
+
+def _fleet(n: int, run: str, **op: Any) -> OperationPlan:
+    configs = [
+        {"name": f"fleet-{i:02d}", "plan": "1xCPU-2 GB", "zone": "de-fra1", "labels": {"run": run}}
+        for i in range(n)
+    ]
+    retry = {"attempts": 3, "initial_backoff": 0, "max_backoff": 0}
+    wf = workflow_from_data(
+        {
+            "name": "coalesce",
+            "parallel_limit": n,
+            "operations": [
+                {
+                    "id": "fleet",
+                    "type": "server_batch",
+                    "provider": "aws",
+                    "server_configs": configs,
+                    "retry": retry,
+                    **op,
+                }
+            ],
+        }
+    )
+    return build_plan(wf, {}).operations["fleet"]
+
+
+def _items(op: OperationPlan, wid: str) -> dict[str, dict[str, Any]]:
+    return {
+        i.name: new_item_doc("fleet", i.name, i.kind, idempotency_key(wid, "fleet", i.name))
+        for i in op.items
+    }
+
+
+def _identity(inst: dict[str, Any]) -> tuple[str, ...]:
+    """What names an instance's item: its batch and launch index, or its key tag."""
+    if BATCH_TAG in inst["tags"]:
+        return (inst["tags"][BATCH_TAG], str(inst["launch_index"]))
+    return (inst["tags"].get(KEY_TAG, "?"),)
+
+
+def _intended(doc: dict[str, Any]) -> tuple[str, ...]:
+    intent = doc["intent"] or {}
+    if "batch" in intent:
+        return (intent["batch"], str(intent["index"]))
+    return (doc["key"],)
+
+
+def _assert_one_instance_per_item(moto: MotoServer, run: str, items: dict[str, Any]) -> None:
+    """Counted on moto: every live instance of this run belongs to exactly one item, the
+    one whose stored intent names it (batch and launch index, or key), and is that
+    item's stored result."""
+    live = _instances_on_moto(moto, run=run)
+    assert len(live) == len(items), (len(live), len(items))
+    assert set(Counter(map(_identity, live)).values()) == {1}
+    by_id = {i["id"]: i for i in live}
+    for doc in items.values():
+        assert doc["status"] == "Completed", doc
+        assert _identity(by_id[doc["result"]["id"]]) == _intended(doc)
+    assert len({d["result"]["id"] for d in items.values()}) == len(items)
+
+
+async def test_twenty_identical_servers_take_one_run_instances_call(moto: MotoServer) -> None:
+    run = uuid.uuid4().hex[:8]
+    op = _fleet(20, run)
+    provider = _batch_provider(moto)
+    host = MemoryHost()
+    seen: list[str] = []
+    undurable: list[str] = []
+
+    def listener(_: str, operation: str) -> None:
+        seen.append(operation)
+        if operation == "RunInstances":  # every member's intent is durable by now
+            undurable.extend(
+                d["name"] for d in host.docs.values() if "batch" not in (d["intent"] or {})
+            )
+
+    provider.add_call_listener(listener)
+    items = _items(op, "wf-coalesce")
+    runner = OperationRunner(op, items, host, RunnerContext(provider), capacity=20)
+
+    outcome = await runner.run()
+
+    assert outcome.status.value == "Completed", outcome
+    assert seen.count("RunInstances") == 1 and "CreateTags" not in seen
+    assert seen.count("DescribeInstances") <= 2  # members poll readiness together
+    assert len(host.docs) == 20 and undurable == []
+    assert outcome.coalescing is not None and outcome.coalescing["calls_saved"] == 19
+    _assert_one_instance_per_item(moto, run, items)
+
+    # Rollback deletes each coalesced server by its own stored reference.
+    back = OperationRunner(op, items, host, RunnerContext(provider), capacity=20, mode=ROLLBACK)
+    assert (await back.run()).status.value == "RolledBack"
+    assert _instances_on_moto(moto, run=run) == []
+    await provider.close()
+
+
+async def test_lost_batch_reply_is_reconciled_per_item_then_rolled_back(
+    moto: MotoServer,
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    op = _fleet(12, run)
+    provider = _batch_provider(moto)
+    seen: list[str] = []
+    provider.add_call_listener(lambda _, operation: seen.append(operation))
+    lost: list[bool] = []
+
+    def lose_response(**_: object) -> None:
+        if not lost:  # the first launch reaches moto; its answer never comes back
+            lost.append(True)
+            raise ConnectionClosedError(endpoint_url=moto.endpoint_url)
+
+    provider._client(REGION).meta.events.register("after-call.ec2.RunInstances", lose_response)
+    host = MemoryHost()
+    items = _items(op, "wf-lost")
+
+    outcome = await OperationRunner(op, items, host, RunnerContext(provider), capacity=12).run()
+
+    assert outcome.status.value == "Completed", outcome
+    assert lost and seen.count("RunInstances") == 1  # adopted, never launched again
+    assert {d["attempt"] for d in items.values()} == {1}  # the retry adopted, no new intent
+    _assert_one_instance_per_item(moto, run, items)
+
+    # A crash-like rollback: the results are gone, only the intents are left.
+    for doc in items.values():
+        doc["result"], doc["status"] = None, "Failed"
+    fresh = _fresh(moto)
+    back = OperationRunner(op, items, host, RunnerContext(fresh), capacity=12, mode=ROLLBACK)
+    assert (await back.run()).status.value == "RolledBack"
+    assert _instances_on_moto(moto, run=run) == []
+    await provider.close()
+    await fresh.close()
 
 
 # ---- tables -----------------------------------------------------------------------
@@ -441,3 +704,77 @@ async def test_moto_server_reset_and_stop_by_pid() -> None:
         assert not server.answering()
     finally:
         server.stop()
+
+
+# ---- kill -9 around the batched call, through `provisioning batch run` ---------------
+
+CRASH_FLEET = 12
+
+
+def _crash_workflow(path: Path, run: str) -> None:
+    config = '{{ name = "c-{i:02d}", plan = "1xCPU-2 GB", zone = "de-fra1", labels = {labels} }}'
+    labels = f'{{ run = "{run}" }}'
+    configs = ", ".join(config.format(i=i, labels=labels) for i in range(CRASH_FLEET))
+    path.write_text(
+        f"""{{ batch_workflow = {{
+  name = "coalesced-crash", storage_backend = "filesystem", parallel_limit = {CRASH_FLEET},
+  operations = [
+    {{ id = "fleet", type = "server_batch", provider = "aws", server_configs = [{configs}] }},
+  ] }} }}
+"""
+    )
+
+
+@pytest.mark.parametrize("point", ["after_intent:3:create", "after_call:3:create"])
+def test_kill_around_the_batched_call_then_resume_makes_one_instance_per_item(
+    moto: MotoServer, tmp_path: Path, point: str
+) -> None:
+    from tests.integration.faults import server_items
+    from tests.integration.test_faults_crash import (
+        base_env,
+        cli,
+        load_offline,
+        resume,
+        run_until_crash,
+    )
+
+    run = uuid.uuid4().hex[:8]
+    wf = tmp_path / "wf.ncl"
+    _crash_workflow(wf, run)
+    data = tmp_path / "data"
+    env = base_env(
+        data,
+        **sandbox_aws_env(moto.endpoint_url),
+        PROVISIONING_AWS_COALESCE="on",
+        PROVISIONING_POLL_INTERVAL="0.05",
+    )
+    wid = run_until_crash(
+        cli("batch", "run", str(wf), "--json"),
+        {**env, "PROVISIONING_CRASH_AT": point},
+        tmp_path / "crash.err",
+    )
+
+    left = server_items(load_offline(data, "filesystem", wid))
+    live = _instances_on_moto(moto, run=run)
+    # Nothing exists on moto that a durable intent does not name.
+    intended = {_intended(d) for d in left.values() if d.get("intent")}
+    assert {_identity(i) for i in live} <= intended
+    if point.startswith("after_call"):
+        # One call launched the whole fleet; the kill came before most results were stored.
+        assert len(live) == CRASH_FLEET and len({i["tags"][BATCH_TAG] for i in live}) == 1
+        assert any(d["status"] != "Completed" for d in left.values())
+    else:
+        # Intents durable, the shared call never made.
+        assert live == [] and any(d.get("intent") for d in left.values())
+
+    doc = resume(wid, env)
+    assert doc["status"] == "Completed", doc
+    final = server_items(load_offline(data, "filesystem", wid))
+    _assert_one_instance_per_item(moto, run, final)
+    batches = {d["intent"].get("batch") for d in final.values()}
+    crashed = {d["intent"].get("batch") for d in left.values() if d.get("intent")}
+    if point.startswith("after_call"):
+        assert batches == crashed  # every item adopted its member of the one launch
+    else:
+        # Relaunched: those that reconciled first may land in a second window.
+        assert not batches & crashed and len(batches - {None}) >= 1
