@@ -28,6 +28,13 @@ TERMINAL = {"Completed", "Failed", "Cancelled", "RolledBack", "RollbackFailed"}
 P = "/v1/workflows/batch"
 
 
+def local_workflow(name: str, prefix: str, servers: int) -> dict[str, Any]:
+    """A JSON workflow of ``servers`` local servers named ``<prefix>-<i>``."""
+    configs = [{"name": f"{prefix}-{i}", "plan": "local", "zone": "local"} for i in range(servers)]
+    op = {"id": "servers", "type": "server_batch", "provider": "local", "server_configs": configs}
+    return {"name": name, "operations": [op]}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

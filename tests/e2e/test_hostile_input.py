@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import P, Service
+from tests.e2e.conftest import P, Service, local_workflow
 from tests.unit.test_api_hostile import (
     BODY,
     CRASHED,
@@ -101,19 +101,7 @@ def test_the_service_is_healthy_afterwards(service: Service, before: int) -> Non
     with service.http(token=None) as anon:
         assert anon.get("/v1/health").json() == {"status": "ok"}
     name = f"after-hostile-{uuid.uuid4().hex[:8]}"
-    wf = {
-        "name": name,
-        "operations": [
-            {
-                "id": "servers",
-                "type": "server_batch",
-                "provider": "local",
-                "server_configs": [
-                    {"name": f"{name}-{i}", "plan": "local", "zone": "local"} for i in range(3)
-                ],
-            }
-        ],
-    }
+    wf = local_workflow(name, name, 3)
     with service.http() as c:
         resp = c.post(f"{P}/submit", json={"workflow": wf})
         assert resp.status_code == 202, resp.text

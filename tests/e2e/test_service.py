@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from runtime.records import idempotency_key
-from tests.e2e.conftest import REPO, P, Service
+from tests.e2e.conftest import REPO, P, Service, local_workflow
 
 pytestmark = pytest.mark.e2e
 SEED = REPO / "workflows" / "example_batch.ncl"
@@ -247,19 +247,7 @@ def test_progress_stream_resumes_with_last_event_id(service: Service, slow: None
 
 def test_fifty_concurrent_submissions_all_complete(service: Service) -> None:
     def one(i: int) -> str:
-        wf = {
-            "name": f"many-{i}",
-            "operations": [
-                {
-                    "id": "servers",
-                    "type": "server_batch",
-                    "provider": "local",
-                    "server_configs": [
-                        {"name": f"m{i}-{j}", "plan": "local", "zone": "local"} for j in range(2)
-                    ],
-                }
-            ],
-        }
+        wf = local_workflow(f"many-{i}", f"m{i}", 2)
         with service.http() as c:
             resp = c.post(f"{P}/submit", json={"workflow": wf})
             assert resp.status_code == 202, resp.text

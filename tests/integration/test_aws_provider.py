@@ -7,8 +7,6 @@ provider's own reads, so a bug that writes and reads back the same wrong thing f
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import copy
 import json
 import os
 import re
@@ -31,6 +29,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from bench.coalesce_bench import MemoryHost  # the ItemHost without Ray, shared
 from runtime.engine import ROLLBACK, OperationRunner, RunnerContext
 from runtime.errors import AuthError, PermanentError, ThrottledError, TransientError
 from runtime.planner import OperationPlan, build_plan
@@ -458,24 +457,6 @@ def test_coalesce_setting() -> None:
 
 
 # ---- coalesced operations through the real OperationRunner -------------------------
-
-
-class MemoryHost:
-    """The operation's ItemHost without Ray: each persist is a durable write here."""
-
-    def __init__(self) -> None:
-        self.docs: dict[str, dict[str, Any]] = {}
-
-    async def persist(self, item: dict[str, Any]) -> None:
-        self.docs[item["key"]] = copy.deepcopy(item)
-        await asyncio.sleep(0)
-
-    @contextlib.asynccontextmanager
-    async def permit(self) -> AsyncIterator[None]:
-        yield
-
-    def on_throttled(self, retry_after: float | None) -> None:
-        pass
 
 
 def _fleet(n: int, run: str, **op: Any) -> OperationPlan:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -27,6 +26,7 @@ from runtime.records import idempotency_key, new_item_doc
 from runtime.states import ItemState, OpState
 from schemas.loader import workflow_from_data
 from schemas.models import ServerConfigSpec
+from tests.unit.test_engine import FakeHost
 
 Doc = dict[str, Any]
 FAST = {"attempts": 3, "initial_backoff": 0, "max_backoff": 0}
@@ -35,13 +35,11 @@ FAST = {"attempts": 3, "initial_backoff": 0, "max_backoff": 0}
 # ---- fakes -------------------------------------------------------------------------
 
 
-class Host:
-    """ItemHost: records every persisted document; can fail chosen persists."""
+class Host(FakeHost):
+    """FakeHost that can fail chosen persists."""
 
     def __init__(self) -> None:
-        self.log: list[Doc] = []
-        self.permits = 0
-        self.throttled: list[float | None] = []
+        super().__init__()
         self.fail_intent_of: set[str] = set()  # item names whose next create intent fails
 
     async def persist(self, item: Doc) -> None:
@@ -49,19 +47,7 @@ class Host:
         if item["name"] in self.fail_intent_of and intent.get("action") == "create":
             self.fail_intent_of.discard(item["name"])
             raise StoreError("disk full")
-        self.log.append(copy.deepcopy(item))
-        await asyncio.sleep(0)
-
-    @contextlib.asynccontextmanager
-    async def permit(self) -> AsyncIterator[None]:
-        self.permits += 1
-        yield
-
-    def on_throttled(self, retry_after: float | None) -> None:
-        self.throttled.append(retry_after)
-
-    def last(self, key: str) -> Doc | None:
-        return next((d for d in reversed(self.log) if d["key"] == key), None)
+        await super().persist(item)
 
 
 @dataclass
