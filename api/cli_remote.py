@@ -213,7 +213,9 @@ def stats(as_json: JsonOpt = False) -> None:
         items.add_row(s, str(n))
     ops = Table("operation type", "count", "mean s", "p95 s")
     for kind, row in sorted(doc.get("operations_by_type", {}).items()):
-        ops.add_row(kind, str(row["count"]), f"{row['mean_s']:.2f}", f"{row['p95_s']:.2f}")
+        ops.add_row(
+            kind, str(row["count"]), _num(row.get("mean_s"), ".2f"), _num(row.get("p95_s"), ".2f")
+        )
     prov = Table("provider", "calls", "throttled", "waits", "rate now")
     for key, row in sorted(doc.get("providers", {}).items()):
         prov.add_row(
@@ -221,10 +223,14 @@ def stats(as_json: JsonOpt = False) -> None:
             str(row.get("granted_total", 0)),
             str(row.get("throttled_events", 0)),
             str(row.get("waits", 0)),
-            f"{row.get('current_rate', 0):g}",
+            _num(row.get("current_rate"), "g"),  # None: a provider without a rate limit
         )
     for t in (table, items, ops, prov):
         out.print(t)
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _time(ts: float | None) -> str:

@@ -212,3 +212,31 @@ def test_broken_catalog_entry_exits_2_naming_it(env: dict[str, str], tmp_path: P
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "broken.ncl" in flat(result.stderr)
+
+
+def test_stats_tables_show_a_dash_for_what_has_no_value(env: dict[str, str]) -> None:
+    """`batch stats` against a stand-in API: an unlimited provider has no rate and an
+    operation type without finished runs no durations."""
+    from fastapi import FastAPI
+
+    from runtime.sandbox.app_thread import AppServerThread
+
+    doc = {
+        "workflows": 2,
+        "live": 0,
+        "queued": 0,
+        "success_rate": None,
+        "by_status": {"Completed": 2},
+        "items_by_state": {"Completed": 5},
+        "operations_by_type": {"server_batch": {"count": 1, "mean_s": None, "p95_s": None}},
+        "providers": {"local": {"granted_total": 5, "current_rate": None}},
+    }
+    app = FastAPI()
+    app.get("/v1/workflows/batch/stats")(lambda: doc)
+    with AppServerThread(app) as server:
+        done = cli({**env, "PROVISIONING_API_URL": server.url, "PROVISIONING_API_TOKEN": "t"},
+                   "batch", "stats")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "workflows by status" in done.stdout and "Traceback" not in done.stderr
+    local = next(line for line in done.stdout.splitlines() if "local" in line)
+    assert local.split("│")[1:-1][-1].strip() == "-"
