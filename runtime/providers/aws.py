@@ -5,7 +5,8 @@ Why it is built this way:
   sends a create again it reconciles by the key tag: moto (the sandbox) ignores
   ``ClientToken`` and AWS honours it only for a while. A second retry layer would
   also hide throttling from the shared rate limiter.
-- Every boto3/botocore error is translated in ``map_aws_error`` and nowhere else.
+- Every boto3/botocore error is translated in ``map_aws_error`` (aws_errors.py) and
+  nowhere else.
 - boto3 clients are thread-safe but creating them from one Session is not, so client
   creation (one per region, lazily) happens under a lock.
 - ``find_server(key)`` gets only a key. It searches the key's region when this
@@ -50,29 +51,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionError,
-    CredentialRetrievalError,
-    HTTPClientError,
-    IncompleteReadError,
-    NoAuthTokenError,
-    NoCredentialsError,
-    PartialCredentialsError,
-    SSOError,
-    TokenRetrievalError,
-)
-from botocore.parsers import ResponseParserError
 
-from runtime.errors import AuthError, PermanentError, ProviderError, ThrottledError, TransientError
+from runtime.errors import PermanentError, ProviderError, ThrottledError, TransientError
+from runtime.providers.aws_errors import aws_errors
 from runtime.providers.aws_tables import (
     _AMI,
     _AZ,
@@ -98,68 +85,6 @@ UBUNTU_FILTERS = [
 ]
 
 _LIVE_STATES = ["pending", "running", "stopping", "stopped"]
-
-# EC2 error codes by what the retry loop should do; any other 4xx is permanent.
-_THROTTLE_CODES = {"RequestLimitExceeded", "Throttling", "ThrottlingException", "SlowDown"}
-_AUTH_CODES = {"AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId", "Blocked"}
-_AUTH_CODES |= {"SignatureDoesNotMatch", "IncompleteSignature", "MissingAuthenticationToken"}
-_AUTH_CODES |= {"ExpiredToken", "RequestExpired", "AccessDenied", "OptInRequired"}
-_TRANSIENT_CODES = {"InternalError", "InternalFailure", "ServiceUnavailable", "Unavailable"}
-_TRANSIENT_CODES |= {"RequestTimeout", "RequestTimeoutException"}
-# Capacity shortages are 4xx on EC2 but come back: worth retrying later.
-_TRANSIENT_CODES |= {"InsufficientInstanceCapacity", "InsufficientHostCapacity"}
-_CREDENTIAL_ERRORS = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError)
-_TOKEN_ERRORS = (TokenRetrievalError, NoAuthTokenError, SSOError)
-_NETWORK_ERRORS: tuple[type[Exception], ...] = (ConnectionError, HTTPClientError)
-# OSError: raw socket errors that botocore did not wrap.
-_NETWORK_ERRORS += (IncompleteReadError, ResponseParserError, OSError)
-
-
-def _first_line(text: str) -> str:
-    # Some AWS messages append the canonical request, which can carry a session token.
-    return text.strip().splitlines()[0][:300] if text.strip() else ""
-
-
-def map_aws_error(exc: BaseException) -> ProviderError:
-    """The one translation of boto3/botocore errors into the runtime's error classes."""
-    if isinstance(exc, ProviderError):
-        return exc
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        meta = exc.response.get("ResponseMetadata", {})
-        code = str(err.get("Code", "Unknown"))
-        status = meta.get("HTTPStatusCode")
-        msg = f"{exc.operation_name}: {code}: {_first_line(str(err.get('Message', '')))}"
-        if code in _THROTTLE_CODES or status == 429:
-            return ThrottledError(msg, retry_after=_retry_after(meta), status=status, code=code)
-        if code in _AUTH_CODES or status in (401, 403):
-            return AuthError(msg, status=status, code=code)
-        if code in _TRANSIENT_CODES or (status is not None and status >= 500):
-            return TransientError(msg, status=status, code=code)
-        return PermanentError(msg, status=status, code=code)
-    name = type(exc).__name__
-    if isinstance(exc, _CREDENTIAL_ERRORS + _TOKEN_ERRORS):
-        return AuthError(f"AWS credentials: {name}", code=name)  # the text may name a profile
-    detail = f"{name}: {_first_line(str(exc))}"
-    if isinstance(exc, _NETWORK_ERRORS):
-        return TransientError(f"AWS connection: {detail}", code=name)
-    return PermanentError(f"AWS client: {detail}", code=name)
-
-
-def _retry_after(meta: Mapping[str, Any]) -> float | None:
-    headers = {str(k).lower(): v for k, v in (meta.get("HTTPHeaders") or {}).items()}
-    try:
-        return max(0.0, float(headers["retry-after"]))
-    except (KeyError, TypeError, ValueError):
-        return None  # EC2 sends none; an HTTP date is not worth parsing here
-
-
-@contextmanager
-def _aws_errors() -> Iterator[None]:
-    try:
-        yield
-    except (BotoCoreError, ClientError, ResponseParserError, OSError) as exc:
-        raise map_aws_error(exc) from exc
 
 
 def client_token(key: str) -> str:
@@ -300,7 +225,7 @@ class AwsProvider(Provider):
 
     async def _call(self, region: str, operation: str, **params: Any) -> Any:
         def run() -> Any:
-            with _aws_errors():
+            with aws_errors():
                 return getattr(self._client(region), operation)(**params)
 
         return await asyncio.to_thread(run)
@@ -309,9 +234,9 @@ class AwsProvider(Provider):
         """The newest Canonical Ubuntu amd64 image of ``region``, looked up once."""
         if region in self._images:
             return self._images[region]
-        with _aws_errors():
+        with aws_errors():
             client = self._client(region)
-        with self._image_locks[region], _aws_errors():
+        with self._image_locks[region], aws_errors():
             if region not in self._images:
                 images = client.describe_images(Owners=[CANONICAL_OWNER], Filters=UBUNTU_FILTERS)
                 images = images["Images"]
@@ -466,7 +391,7 @@ class AwsProvider(Provider):
             filters.append({"Name": "instance-state-name", "Values": _LIVE_STATES})
 
         def run() -> list[dict[str, Any]]:
-            with _aws_errors():
+            with aws_errors():
                 pages = self._client(region).get_paginator("describe_instances")
                 return [
                     inst

@@ -41,9 +41,9 @@ from runtime.providers.aws import (
     AwsProvider,
     client_token,
     load_tables,
-    map_aws_error,
     parse_coalesce,
 )
+from runtime.providers.aws_errors import map_aws_error
 from runtime.records import idempotency_key, new_item_doc
 from runtime.sandbox.moto_server import MotoServer, free_port, sandbox_aws_env
 from schemas.loader import workflow_from_data
