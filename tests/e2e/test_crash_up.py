@@ -43,7 +43,7 @@ from tests.integration.faults import (
     local_resources,
     server_items,
 )
-from tests.integration.test_faults_crash import load_offline, session_pids
+from tests.integration.test_faults_crash import kill_session, load_offline, session_pids
 
 pytestmark = pytest.mark.e2e
 Doc = dict[str, Any]
@@ -173,12 +173,6 @@ def instance(request: pytest.FixtureRequest) -> Iterator[Instance]:
             kill_session(int(head["pgid"]))
             shutil.rmtree(head["temp_dir"], ignore_errors=True)  # Ray's session files
         shutil.rmtree(base, ignore_errors=True)
-
-
-def kill_session(sid: int) -> None:
-    for pid in session_pids(sid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def write_workflow(path: Path, provider: str, backend: str) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from bench.recovery_bench import kill_session, session_pids  # one copy, with the bench
 from runtime.errors import StoreLockedError
 from runtime.store import open_store
 from tests.integration.faults import (
@@ -73,21 +74,6 @@ def base_env(data: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def session_pids(sid: int) -> list[int]:
-    """Processes of the session the CLI was started in (driver, Ray, every worker)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                pids.append(int(entry))
-    return pids
-
-
 def session_gone(sid: int, timeout: float = 30) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -95,14 +81,6 @@ def session_gone(sid: int, timeout: float = 30) -> bool:
             return True
         time.sleep(0.1)
     return False
-
-
-def kill_session(sid: int) -> None:
-    for pid in session_pids(sid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 RAY_START_TIMEOUT = "timed out during startup"  # raylet registration, 30 s in Ray
