@@ -16,8 +16,8 @@ from rich.markup import escape
 from api import cli_remote, cli_service
 from api.client import ApiUnreachableError
 from api.progress import WorkflowProgress
-from api.render import print_plan, status_table
-from api.terminal import EXIT_FAILED, EXIT_INPUT, EXIT_OK, EXIT_UNREACHABLE, err, out
+from api.render import print_plan
+from api.terminal import EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE, err, out
 from runtime.errors import InputError, ProvisioningError
 from runtime.planner import Plan, build_plan
 from runtime.settings import Settings
@@ -156,13 +156,7 @@ def run(
             stand_ins.stop()
         if real_stdout is not None:
             _restore_stdout(real_stdout)
-    if as_json:
-        print(json.dumps(doc, indent=2))
-    else:
-        out.print(status_table(doc))
-        if doc.get("error"):
-            err.print(f"[red]{escape(doc['error'])}[/]")
-    raise typer.Exit(EXIT_OK if doc["status"] == "Completed" else EXIT_FAILED)
+    cli_remote.finish(doc, as_json)
 
 
 # The service (`up`, `down`) and the commands that talk to it over REST live in their

@@ -50,13 +50,19 @@ def follow(api: ApiClient, wid: str, *, quiet: bool = False) -> Doc:
     return doc or api.get(wid)
 
 
-def finish(doc: Doc, as_json: bool, success: str = "Completed") -> None:
+def show(doc: Doc, as_json: bool) -> None:
+    """A status document: as JSON, or as the table with its error below."""
     if as_json:
         print(json.dumps(doc, indent=2))
     else:
         out.print(status_table(doc))
         if doc.get("error"):
             err.print(f"[red]{escape(str(doc['error']))}[/]")
+
+
+def finish(doc: Doc, as_json: bool, success: str = "Completed") -> None:
+    """Show ``doc``, then exit 0 if the workflow reached ``success``, else 1."""
+    show(doc, as_json)
     raise typer.Exit(EXIT_OK if doc.get("status") == success else EXIT_FAILED)
 
 
@@ -131,12 +137,7 @@ def status(wid: IdArg, as_json: JsonOpt = False) -> None:
     """A workflow and its operations with item counts by state."""
     with client() as api:
         doc = api.get(wid)
-    if as_json:
-        print(json.dumps(doc, indent=2))
-    else:
-        out.print(status_table(doc))
-        if doc.get("error"):
-            err.print(f"[red]{escape(str(doc['error']))}[/]")
+    show(doc, as_json)
 
 
 def rollback(
