@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from runtime.errors import StoreLockedError
 from runtime.providers.local import CREATIONS_LOG
 from runtime.store import open_store
 
@@ -71,20 +72,26 @@ def creations(data: Path) -> Counter[str]:
     return Counter(line.split()[0] for line in text.splitlines())
 
 
-def stored_completed(data: Path, backend: str, wid: str) -> int:
+def load_offline(data: Path, backend: str, wid: str) -> dict[tuple[str, str], Any]:
+    """The workflow's stored documents, read once the dead run's lock is free."""
     deadline = time.monotonic() + 15
     while True:
         try:
             store = open_store(backend, data)  # type: ignore[arg-type]
             break
-        except Exception:
+        except StoreLockedError:
+            # The kernel drops a dead owner's flock once its last file is closed.
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
     try:
-        docs = store.load(wid)
+        return store.load(wid)
     finally:
         store.close()
+
+
+def stored_completed(data: Path, backend: str, wid: str) -> int:
+    docs = load_offline(data, backend, wid)
     return sum(1 for (k, _), d in docs.items() if k == "item" and d["status"] == "Completed")
 
 

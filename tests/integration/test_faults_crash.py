@@ -23,9 +23,7 @@ from typing import Any
 
 import pytest
 
-from bench.recovery_bench import kill_session, session_pids  # one copy, with the bench
-from runtime.errors import StoreLockedError
-from runtime.store import open_store
+from bench.recovery_bench import kill_session, load_offline, session_pids  # shared
 from tests.integration.faults import (
     assert_local_invariants,
     assert_no_resource_without_intent,
@@ -134,23 +132,6 @@ def resume(wid: str, env: dict[str, str], tries: int = 3) -> Doc:
         doc: Doc = json.loads(out)
         return doc
     raise AssertionError("Ray did not start")
-
-
-def load_offline(data: Path, backend: str, wid: str) -> dict[tuple[str, str], Doc]:
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            store = open_store(backend, data)  # type: ignore[arg-type]
-            break
-        except StoreLockedError:
-            # The kernel drops a dead owner's flock once its last file is closed.
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-    try:
-        return store.load(wid)
-    finally:
-        store.close()
 
 
 @pytest.mark.parametrize(
